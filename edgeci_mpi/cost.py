@@ -1,0 +1,68 @@
+"""Cost model: device compute and link models, and predicted tile and block times.
+
+Per device (issue 2, item 3): compute ``t = a * flops + b`` (``a = 1 / flops_per_s``,
+``b = overhead_s`` per block call) and a link to the coordinator ``t = latency + bytes /
+bandwidth``.  The coordinator (device 0) has no link cost to itself.  A tile's predicted time is
+scatter of its input region + compute of its region with halo + gather of its output; a block's
+time is its slowest device (paper, AWAS: makespan).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .geometry import Interval
+from .units import BlockGeom
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    flops_per_s: float                 # effective FLOP/s of this device on conv work
+    overhead_s: float = 0.0            # fixed cost of one block call
+    bandwidth_Bps: float = float("inf")  # link to the coordinator, bytes/s
+    latency_s: float = 0.0
+    memory_bytes: int = 0              # 0 = unknown
+    emulated: bool = False             # modelled, not measured
+
+    def compute_time(self, flops: float) -> float:
+        return flops / self.flops_per_s + self.overhead_s
+
+    def link_time(self, nbytes: float) -> float:
+        if nbytes <= 0:
+            return 0.0
+        return self.latency_s + nbytes / self.bandwidth_Bps
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Devices in rank order; device 0 is the coordinator."""
+
+    name: str
+    devices: tuple[Device, ...]
+    source: str = ""
+    notes: tuple[str, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def resized(self, n: int) -> "Cluster":
+        """Grow (cycling through the devices after the coordinator) or shrink to ``n``."""
+        if n < 1:
+            raise ValueError("a cluster needs at least one device")
+        devs = list(self.devices[:n])
+        pool = self.devices[1:] or self.devices
+        i = 0
+        while len(devs) < n:
+            d = pool[i % len(pool)]
+            devs.append(replace(d, name=f"{d.name}+{len(devs)}"))
+            i += 1
+        return replace(self, devices=tuple(devs), name=f"{self.name}[{n}]")
+
+
+def tile_times(geom: BlockGeom, dev: Device, is_coordinator: bool, rows: Interval,
+               cols: Interval) -> tuple[float, float, float, float]:
+    """(flops, send_s, compute_s, recv_s) of one tile on one device."""
+    flops, in_b, out_b = geom.tile_work(rows, cols)
+    if is_coordinator:
+        return flops, 0.0, dev.compute_time(flops), 0.0
+    return flops, dev.link_time(in_b), dev.compute_time(flops), dev.link_time(out_b)

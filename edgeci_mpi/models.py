@@ -1,0 +1,107 @@
+"""Build a model by name: any torchvision classification builder, or ``package.module:factory``.
+
+Every rank builds the same model: random weights come from one seed, real weights from a file
+loaded with ``torch.load(weights_only=True)``.  ``weights_checksum`` lets ranks agree on them.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+# Usual input sizes where they differ from 3x224x224.
+DEFAULT_INPUT = {"inception_v3": (3, 299, 299)}
+
+
+class ModelError(ValueError):
+    """The model could not be named, built or loaded."""
+
+
+def torchvision_names() -> list[str]:
+    import torchvision.models as tvm
+
+    return sorted(tvm.list_models(module=tvm))
+
+
+def build_model(name: str, seed: int = 0, weights: str | None = None) -> nn.Module:
+    """The model ``name`` in eval mode, with seeded random weights or the weights file."""
+    torch.manual_seed(seed)
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ModelError(f"cannot import model factory {name!r}: {e}") from None
+        model = factory()
+    else:
+        import torchvision.models as tvm
+
+        names = torchvision_names()
+        if name not in names:
+            close = [n for n in names if name.lower().replace("-", "_") in n][:5]
+            hint = f"; did you mean {', '.join(close)}?" if close else \
+                "; try resnet34, vgg16, or package.module:factory"
+            raise ModelError(f"unknown model {name!r}: not a torchvision classification "
+                             f"builder{hint}")
+        builder = tvm.get_model_builder(name)
+        kwargs = {}
+        params = inspect.signature(builder).parameters
+        if name in ("googlenet", "inception_v3"):
+            kwargs.update(aux_logits=False, init_weights=False)
+        model = builder(weights=None, **{k: v for k, v in kwargs.items()
+                                         if k in params or "kwargs" in params})
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{name!r} did not build an nn.Module (got {type(model).__name__})")
+    if weights:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"weights file {path!r} does not exist")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or unsafe files
+        raise ModelError(f"cannot load weights {path!r}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"weights file {path!r} holds a {type(state).__name__}, not a state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()
+        raise ModelError(f"weights {path!r} do not fit the model: "
+                         f"{' '.join(s.strip() for s in first[:2])}") from None
+
+
+def default_input(name: str) -> tuple[int, int, int]:
+    return DEFAULT_INPUT.get(name, (3, 224, 224))
+
+
+def weights_checksum(model: nn.Module) -> str:
+    """SHA-256 over the state dict in key order: equal on every rank iff weights are equal."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def parse_input(text: str) -> tuple[int, int, int]:
+    """``3x224x224`` -> (3, 224, 224)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise ValueError(f"bad input shape {text!r}: expected CxHxW, e.g. 3x224x224")
+    return dims  # type: ignore[return-value]

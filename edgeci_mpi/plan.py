@@ -1,0 +1,138 @@
+"""The Plan: blocks + tiles + assignment + predicted times (MISSION.md, Words).
+
+Plain dataclasses with a JSON round-trip and a table for people.  The runtime executes a Plan;
+it never plans.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+Interval = tuple[int, int]
+
+
+@dataclass
+class Tile:
+    """One device's share of a block's output, and the input region it needs (halo included)."""
+
+    device: int
+    out_rows: Interval
+    out_cols: Interval
+    in_rows: Interval
+    in_cols: Interval
+    flops: float = 0.0
+    send_s: float = 0.0     # coordinator -> device, input region
+    compute_s: float = 0.0
+    recv_s: float = 0.0     # device -> coordinator, output tile
+
+    @property
+    def finish_s(self) -> float:
+        return self.send_s + self.compute_s + self.recv_s
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return self.out_rows[1] - self.out_rows[0], self.out_cols[1] - self.out_cols[0]
+
+    @property
+    def in_hw(self) -> tuple[int, int]:
+        return self.in_rows[1] - self.in_rows[0], self.in_cols[1] - self.in_cols[0]
+
+
+@dataclass
+class Block:
+    """A fused run of units ``[start, stop)`` executed tile by tile without synchronisation."""
+
+    start: int
+    stop: int
+    name: str
+    in_chw: tuple[int, int, int]
+    out_chw: tuple[int, int, int]
+    tiles: list[Tile]
+    predicted_s: float = 0.0
+
+    @property
+    def devices(self) -> list[int]:
+        return sorted({t.device for t in self.tiles})
+
+
+@dataclass
+class Plan:
+    model: str
+    input_chw: tuple[int, int, int]
+    strategy: str
+    cluster: str
+    devices: list[str]
+    blocks: list[Block]
+    head_s: float = 0.0
+    predicted_s: float = 0.0
+    planning_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    # --- JSON -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Plan":
+        def iv(v) -> Interval:
+            return (int(v[0]), int(v[1]))
+
+        blocks = []
+        for b in d["blocks"]:
+            tiles = [Tile(int(t["device"]), iv(t["out_rows"]), iv(t["out_cols"]),
+                          iv(t["in_rows"]), iv(t["in_cols"]), float(t["flops"]),
+                          float(t["send_s"]), float(t["compute_s"]), float(t["recv_s"]))
+                     for t in b["tiles"]]
+            blocks.append(Block(int(b["start"]), int(b["stop"]), b["name"], tuple(b["in_chw"]),
+                                tuple(b["out_chw"]), tiles, float(b["predicted_s"])))
+        return Plan(d["model"], tuple(d["input_chw"]), d["strategy"], d["cluster"],
+                    list(d["devices"]), blocks, float(d["head_s"]), float(d["predicted_s"]),
+                    float(d.get("planning_s", 0.0)), list(d.get("notes", [])))
+
+    @staticmethod
+    def from_json(text: str) -> "Plan":
+        return Plan.from_dict(json.loads(text))
+
+    # --- checks and views -----------------------------------------------------------------
+    def validate(self, n_devices: int | None = None) -> None:
+        """Raise ``ValueError`` unless blocks chain and every block's tiles cover its output
+        exactly once."""
+        prev = 0
+        for b in self.blocks:
+            if b.start != prev or b.stop <= b.start:
+                raise ValueError(f"block {b.name}: units [{b.start}, {b.stop}) do not follow {prev}")
+            prev = b.stop
+            _, h, w = b.out_chw
+            covered = [[0] * w for _ in range(h)]
+            for t in b.tiles:
+                if n_devices is not None and not 0 <= t.device < n_devices:
+                    raise ValueError(f"block {b.name}: tile on device {t.device}, cluster has "
+                                     f"{n_devices}")
+                for r in range(*t.out_rows):
+                    for c in range(*t.out_cols):
+                        covered[r][c] += 1
+            if any(v != 1 for row in covered for v in row):
+                raise ValueError(f"block {b.name}: tiles do not cover the {h}x{w} output exactly once")
+
+    def table(self) -> str:
+        """A readable table: one line per block, then the totals."""
+        lines = [f"plan  model={self.model} input={'x'.join(map(str, self.input_chw))} "
+                 f"strategy={self.strategy} cluster={self.cluster} devices={len(self.devices)}",
+                 f"{'#':>3} {'units':>7}  {'block':<34} {'out':>13} {'tiles':>5} "
+                 f"{'devices':<18} {'pred ms':>8}"]
+        for i, b in enumerate(self.blocks):
+            devs = ",".join(map(str, b.devices))
+            if len(devs) > 18:
+                devs = devs[:15] + "..."
+            out = "x".join(map(str, b.out_chw))
+            name = b.name if len(b.name) <= 34 else b.name[:31] + "..."
+            lines.append(f"{i:>3} {b.start:>3}-{b.stop - 1:<3}  {name:<34} {out:>13} "
+                         f"{len(b.tiles):>5} {devs:<18} {b.predicted_s * 1e3:>8.2f}")
+        lines.append(f"    head on device 0{'':>56} {self.head_s * 1e3:>8.2f}")
+        lines.append(f"predicted latency {self.predicted_s * 1e3:.2f} ms  "
+                     f"(planned in {self.planning_s * 1e3:.0f} ms)")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)

@@ -1,0 +1,29 @@
+"""Planners with one signature: ``(ModelSpec, Cluster) -> Plan``.
+
+``make_plan`` is the one entry point; it times the planner and checks the plan it made.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from ..cost import Cluster
+from ..plan import Plan
+from ..units import ModelSpec
+from .single import plan_single
+
+Planner = Callable[[ModelSpec, Cluster], Plan]
+
+STRATEGIES: dict[str, Planner] = {
+    "single": plan_single,
+}
+
+
+def make_plan(spec: ModelSpec, cluster: Cluster, strategy: str = "edgeci") -> Plan:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    t0 = time.perf_counter()
+    plan = STRATEGIES[strategy](spec, cluster)
+    plan.planning_s = time.perf_counter() - t0
+    plan.validate(len(cluster))
+    return plan
