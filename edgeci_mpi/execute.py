@@ -8,14 +8,16 @@ pool, ceil_mode overhang included) and then runs with padding 0.  The MPI runtim
 """
 from __future__ import annotations
 
+import inspect
 import math
+import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .geometry import Interval, border_pads, clamp, need_intervals, window_input
+from .geometry import Interval, border_pads, clamp, window_input
 from .graph import ModelGraph, data_inputs
 from .units import BlockGeom
 
@@ -37,6 +39,11 @@ class BlockRunner:
             for a in self.inputs[n]:
                 last_use[a] = i
         self.frees = {i: [a for a, j in last_use.items() if j == i] for i in range(len(self.nodes))}
+        # Tiles of one block get overlapping views of one map (the Executor's, or the
+        # coordinator's own tiles): a block that modifies its input in place would corrupt
+        # its neighbours' halos, so such a block works on a copy.
+        self.mutates_input = any(_mutated_arg(n, self.modules.get(n)) is self.input_node
+                                 for n in self.nodes)
 
     def input_region(self, rows: Interval, cols: Interval) -> tuple[Interval, Interval]:
         return self.geom.input_region(rows, cols)
@@ -45,20 +52,26 @@ class BlockRunner:
     def run(self, x: torch.Tensor, rows: Interval, cols: Interval) -> torch.Tensor:
         """Output tile ``rows x cols`` from ``x``, which holds exactly ``input_region(rows, cols)``."""
         in_c, in_h, in_w = self.geom.in_chw
-        in_r, rn = need_intervals(self.geom.ops, in_h, 0, rows)
-        in_c_iv, cn = need_intervals(self.geom.ops, in_w, 1, cols)
+        in_r, rn = self.geom.need(0, rows)
+        in_c_iv, cn = self.geom.need(1, cols)
         if x.shape[2] != in_r[1] - in_r[0] or x.shape[3] != in_c_iv[1] - in_c_iv[0]:
             raise ValueError(f"tile input is {tuple(x.shape[2:])}, geometry needs "
                              f"{(in_r[1] - in_r[0], in_c_iv[1] - in_c_iv[0])}")
         env: dict[fx.Node, tuple[torch.Tensor, Interval, Interval]] = {
             self.input_node: (x, in_r, in_c_iv)}
         sizes = {self.input_node: (in_h, in_w)}
+        if self.mutates_input:  # an in-place op must not write into the caller's map
+            x = x.clone()
+            env[self.input_node] = (x, in_r, in_c_iv)
         for i, node in enumerate(self.nodes):
             r, c = rn[i], cn[i]
             op = self.geom.ops[i]
             sizes[node] = op.out_hw
             kind = self.mg.kinds[node]
-            if kind.kind == "identity":  # adaptive pool to its own size
+            if r[1] <= r[0] or c[1] <= c[0]:  # nobody needs this op here (windows in padding)
+                y = x.new_empty(x.shape[0], int(node.meta["tensor_meta"].shape[1]),
+                                max(0, r[1] - r[0]), max(0, c[1] - c[0]))
+            elif kind.kind == "identity":  # adaptive pool to its own size
                 y = _crop(*env[self.inputs[node][0]], r, c)
             elif kind.kind == "elementwise":
                 y = self._elementwise(node, env, r, c)
@@ -114,6 +127,28 @@ class BlockRunner:
         return total / div
 
 
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _mutated_arg(node: fx.Node, module: torch.nn.Module | None) -> Any:
+    """The argument ``node`` modifies in place (``x += y``, ``x.mul_(2)``,
+    ``ReLU(inplace=True)``, ``F.relu(x, inplace=True)``), or ``None``."""
+    first = node.args[0] if node.args else None
+    if node.op == "call_module":
+        return first if getattr(module, "inplace", False) else None
+    if node.op == "call_method":
+        return first if node.target.endswith("_") and not node.target.endswith("__") else None
+    if node.op == "call_function":
+        if node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
+            return first
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):  # builtins without a signature, odd call forms
+            return None
+        return first if bound.arguments.get("inplace") is True else None
+    return None
+
+
 def _whole(r: Interval, c: Interval, node: fx.Node) -> bool:
     shape = node.meta["tensor_meta"].shape
     return r == (0, int(shape[2])) and c == (0, int(shape[3]))
@@ -129,6 +164,8 @@ def _crop(t: torch.Tensor, held_r: Interval, held_c: Interval, r: Interval, c: I
     """The part ``r x c`` of ``t``, which holds the region ``held_r x held_c``."""
     if held_r == r and held_c == c:
         return t
+    if r[1] <= r[0] or c[1] <= c[0]:  # an empty request may lie anywhere in the map
+        return t[:, :, :max(0, r[1] - r[0]), :max(0, c[1] - c[0])]
     if r[0] < held_r[0] or r[1] > held_r[1] or c[0] < held_c[0] or c[1] > held_c[1]:
         raise AssertionError(f"region {r}x{c} not inside computed {held_r}x{held_c}")
     return t[:, :, r[0] - held_r[0]:r[1] - held_r[0], c[0] - held_c[0]:c[1] - held_c[0]]

@@ -15,7 +15,6 @@ their branches' regions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 Interval = tuple[int, int]  # half-open (start, stop)
 
@@ -43,13 +42,19 @@ def window_input(out: Interval, w: Window) -> Interval:
 
 
 def clamp(iv: Interval, size: int) -> Interval:
-    """Intersect with the map [0, size); the cut-off part is the true border."""
-    return (max(iv[0], 0), min(iv[1], size))
+    """Intersect with the map [0, size); the cut-off part is the true border.
+
+    A window can lie wholly in the padding (a conv whose padding is at least its kernel, or a
+    stride larger than the kernel): the intersection is then an empty interval inside the map,
+    never an inverted one."""
+    lo = min(max(iv[0], 0), size)
+    return (lo, max(lo, min(iv[1], size)))
 
 
 def border_pads(iv: Interval, size: int) -> tuple[int, int]:
-    """How far ``iv`` runs past the map on each side: the true-border padding to apply."""
-    return (max(0, -iv[0]), max(0, iv[1] - size))
+    """How many positions of ``iv`` lie before and after the map: the true-border padding to
+    apply, so that ``sum(border_pads) + length(clamp)`` is ``iv``'s length."""
+    return (max(0, min(iv[1], 0) - iv[0]), max(0, iv[1] - max(iv[0], size)))
 
 
 def union(a: Interval | None, b: Interval) -> Interval:
@@ -88,12 +93,6 @@ def need_intervals(ops: tuple[OpGeom, ...], in_size: int, axis: int,
     with output interval ``out`` needs, and the clamped interval each op computes.  Ops whose
     output nobody needs get an empty interval.
     """
-    return _need(ops, in_size, axis, out)
-
-
-@lru_cache(maxsize=1 << 18)
-def _need(ops: tuple[OpGeom, ...], in_size: int, axis: int,
-          out: Interval) -> tuple[Interval, tuple[Interval, ...]]:
     n = len(ops)
     need: list[Interval | None] = [None] * n
     need[-1] = clamp(out, ops[-1].out_hw[axis])
@@ -111,7 +110,9 @@ def _need(ops: tuple[OpGeom, ...], in_size: int, axis: int,
                 inp = union(inp, want)
             else:
                 need[src] = union(need[src], want)
-    return (inp or (0, 0)), tuple(need)  # type: ignore[return-value]
+    if inp is None or inp[1] <= inp[0]:
+        inp = (0, 0)
+    return inp, tuple(need)  # type: ignore[return-value]
 
 
 def split_even(size: int, parts: int) -> list[Interval]:

@@ -283,12 +283,17 @@ def _unit_spec(members: list[fx.Node], inp: fx.Node, kinds, gm) -> UnitSpec:
         ins = tuple(-1 if a is inp else local[a] for a in data_inputs(n))
         ops.append(OpGeom(ins, _chw(n)[1:], kinds[n].windows, _flops_per_pixel(n, kinds[n], gm)))
     mods = [n.target for n in members if n.op == "call_module"]
-    name = _unit_name(mods) or members[0].name
+    everywhere = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    name = _unit_name(mods, everywhere) or members[0].name
     return UnitSpec(name, tuple(ops), _chw(inp), _chw(members[-1]), _weight_bytes(members, gm))
 
 
-def _unit_name(paths: list[str]) -> str:
-    """``layer1.0`` for a residual block, ``features.0-1`` for a conv with its ReLU."""
+def _unit_name(paths: list[str], everywhere: set[str] = frozenset()) -> str:  # type: ignore[assignment]
+    """``layer1.0`` for a residual block, ``features.0-1`` for a conv with its ReLU.
+
+    A unit that holds the whole of one module (every module under it that the model calls, as
+    listed in ``everywhere``) is named after that module: ``layer1.0``, ``inception3a``, a
+    top-level ``layer1``; otherwise after the range of modules it spans."""
     if len(paths) <= 1:
         return paths[0] if paths else ""
     parts = [p.split(".") for p in paths]
@@ -297,6 +302,9 @@ def _unit_name(paths: list[str]) -> str:
         if any(s != seg[0] for s in seg):
             break
         common.append(seg[0])
+    prefix = ".".join(common) + "."
+    if common and all(p in paths for p in everywhere if p.startswith(prefix)):
+        return ".".join(common)
     if len(common) >= 2:
         return ".".join(common)
     first, last = paths[0], paths[-1]

@@ -55,32 +55,57 @@ def block_ops(units: tuple[UnitSpec, ...] | list[UnitSpec], start: int, stop: in
     return tuple(out)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class BlockGeom:
-    """Geometry and work of one candidate block, cached for the planners."""
+    """Geometry and work of one candidate block; per-axis backward passes are memoised, since
+    planners ask for the same tile rows and columns many times."""
 
     ops: tuple[OpGeom, ...]
     in_chw: CHW
     out_chw: CHW
     bytes_per_element: int = 4
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def need(self, axis: int, out: Interval) -> tuple[Interval, tuple[Interval, ...]]:
+        key = (axis, out)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = need_intervals(self.ops, self.in_chw[1 + axis], axis, out)
+            self._memo[key] = hit
+        return hit
+
+    def _work_axis(self, axis: int, out: Interval):
+        key = ("w", axis, out)
+        hit = self._memo.get(key)
+        if hit is None:
+            iv, per_op = self.need(axis, out)
+            hit = (iv, [b - a for a, b in per_op])
+            self._memo[key] = hit
+        return hit
 
     @staticmethod
     def of(model: ModelSpec, start: int, stop: int) -> "BlockGeom":
         return BlockGeom(block_ops(model.units, start, stop), model.units[start].in_chw,
                          model.units[stop - 1].out_chw, model.bytes_per_element)
 
+    @property
+    def _fpp(self) -> list[float]:
+        fpp = self._memo.get("fpp")
+        if fpp is None:
+            fpp = self._memo["fpp"] = [op.flops_per_pixel for op in self.ops]
+        return fpp
+
     def input_region(self, rows: Interval, cols: Interval) -> tuple[Interval, Interval]:
-        r, _ = need_intervals(self.ops, self.in_chw[1], 0, rows)
-        c, _ = need_intervals(self.ops, self.in_chw[2], 1, cols)
-        return r, c
+        return self.need(0, rows)[0], self.need(1, cols)[0]
 
     def tile_work(self, rows: Interval, cols: Interval) -> tuple[float, int, int]:
         """(FLOPs including halo recomputation, input bytes, output bytes) of one tile."""
-        (r0, r1), rn = need_intervals(self.ops, self.in_chw[1], 0, rows)
-        (c0, c1), cn = need_intervals(self.ops, self.in_chw[2], 1, cols)
+        (r0, r1), rn = self._work_axis(0, rows)
+        (c0, c1), cn = self._work_axis(1, cols)
+        fpp = self._fpp
         flops = 0.0
-        for op, (a, b), (c, d) in zip(self.ops, rn, cn):
-            flops += op.flops_per_pixel * (b - a) * (d - c)
+        for i in range(len(fpp)):
+            flops += fpp[i] * rn[i] * cn[i]
         bpe = self.bytes_per_element
         in_bytes = self.in_chw[0] * (r1 - r0) * (c1 - c0) * bpe
         out_bytes = self.out_chw[0] * (rows[1] - rows[0]) * (cols[1] - cols[0]) * bpe

@@ -10,11 +10,13 @@ from typing import Callable
 from ..cost import Cluster
 from ..plan import Plan
 from ..units import ModelSpec
+from .edgeci import plan_edgeci
 from .single import plan_single
 
 Planner = Callable[[ModelSpec, Cluster], Plan]
 
 STRATEGIES: dict[str, Planner] = {
+    "edgeci": plan_edgeci,
     "single": plan_single,
 }
 

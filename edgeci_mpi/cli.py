@@ -1,0 +1,105 @@
+"""Command line: ``python -m edgeci_mpi plan | run ...`` (also the ``edgeci-mpi`` script).
+
+``plan`` needs no MPI; ``run`` is started on every rank by ``mpirun`` and lives in
+``edgeci_mpi.runtime``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="resnet34",
+                   help="torchvision builder name (resnet34, vgg16, ...) or package.module:factory")
+    p.add_argument("--input", default=None,
+                   help="input shape CxHxW (default: the model's usual size, e.g. 3x224x224)")
+    p.add_argument("--cluster", default="local",
+                   help="cluster TOML file or built-in preset name (see --list-presets)")
+    p.add_argument("--strategy", default="edgeci", help="planner (default edgeci)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights (default 0)")
+    p.add_argument("--weights", default=None, help="state-dict file to load (torch.load, weights_only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .strategies import STRATEGIES
+
+    ap = argparse.ArgumentParser(prog="edgeci-mpi", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="plan one model on a cluster and print the plan table")
+    add_model_arguments(p)
+    p.add_argument("--devices", type=int, default=None,
+                   help="grow or shrink the cluster to N devices")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the plan as JSON")
+    p.add_argument("--list-presets", action="store_true", help="list built-in clusters and exit")
+    p.epilog = f"strategies: {', '.join(STRATEGIES)}"
+
+    try:
+        from .runtime.app import add_run_arguments
+    except ImportError:  # pragma: no cover - runtime not importable (no mpi4py)
+        add_run_arguments = None
+    if add_run_arguments is not None:
+        r = sub.add_parser("run", help="distributed inference under mpirun")
+        add_model_arguments(r)
+        add_run_arguments(r)
+    return ap
+
+
+def load_model_graph(model: str, input_text: str | None, seed: int = 0,
+                     weights: str | None = None):
+    """Build and trace the model: (module, ModelGraph)."""
+    from .graph import trace
+    from .models import build_model, default_input, parse_input
+
+    chw = parse_input(input_text) if input_text else default_input(model)
+    m = build_model(model, seed=seed, weights=weights)
+    return m, trace(m, chw, name=model)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .cluster import list_presets, load_cluster
+    from .strategies import make_plan
+
+    if args.list_presets:
+        for name, desc in list_presets():
+            print(f"{name:<16} {desc}")
+        return 0
+    cluster = load_cluster(args.cluster)
+    if args.devices:
+        cluster = cluster.resized(args.devices)
+    t0 = time.perf_counter()
+    _, mg = load_model_graph(args.model, args.input, args.seed, args.weights)
+    t_trace = time.perf_counter() - t0
+    plan = make_plan(mg.spec, cluster, args.strategy)
+    print(plan.table())
+    print(f"(model built and traced in {t_trace:.2f} s; {len(mg.spec.units)} units)")
+    if args.json:
+        Path(args.json).write_text(plan.to_json())
+        print(f"plan written to {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "plan":
+        from .cluster import ClusterError
+        from .graph import UntileableOp
+        from .models import ModelError
+
+        try:
+            return cmd_plan(args)
+        except (ClusterError, UntileableOp, ModelError, ValueError, OSError) as e:
+            print(f"edgeci-mpi: error: {e}", file=sys.stderr)
+            return 2
+    if args.command == "run":
+        from .runtime.app import run_main
+
+        return run_main(args)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,323 @@
+"""``edgeci-mpi run``: one CNN inference spread over the MPI ranks (issue 3).
+
+Started on every rank by ``mpiexec``.  The phases, each ending in a collective every rank
+reaches (so an error found in one is reported once, by rank 0, and every rank exits 2):
+
+1. **validate** (rank 0): input shape, model name, strategies, cluster file, weights file,
+   images (decoded now, so a corrupt file is refused before anything runs);
+2. **build** (every rank, in parallel): the same model from the seed or ``--weights``; the
+   ranks then agree on a weights checksum;
+3. **profile**: capability reports gathered on rank 0 (``runtime.profile``);
+4. **plan** (rank 0): a cluster of the measured devices, or of the cluster file's devices for
+   those it marks emulated; one plan per strategy, broadcast as JSON;
+5. **run**: each plan executes the image stream (``runtime.engine``), warm-up first;
+6. **report** (rank 0): ``--verify`` against ``model(x)``, the summary, ``--json``; the exit
+   code is broadcast so every rank leaves with the same one.
+
+Anything unexpected on any rank, at any point, aborts the whole job (``runtime.failure``).
+Ranks beyond what a plan uses simply get no tiles and idle until the stop command.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..cost import Cluster, Device
+from ..plan import Plan
+from .failure import (EXIT_USAGE, EXIT_VERIFY, Injection, JobFailed, Outcome, RunError, agree,
+                      checked, error_line, run_guarded)
+from .zoo import ALIASES, PRETRAINED
+
+VERIFY_RTOL = 1e-4  # |distributed - single| <= 1e-4 x max |single| (issue 3, item 6)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.error = _quiet_error(p)  # type: ignore[method-assign]
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--image", metavar="FILE", help="classify this image file (PNG, JPEG, ...)")
+    src.add_argument("--image-dir", metavar="DIR", help="stream every image file in DIR")
+    src.add_argument("--images", type=int, metavar="N",
+                     help="stream N seeded random images (default: 1)")
+    p.add_argument("--warmup", type=int, default=1, metavar="K",
+                   help="untimed runs of the first image before timing (default 1)")
+    p.add_argument("--verify", action="store_true",
+                   help="also run model(x) on rank 0; exit 3 if outputs differ by more than "
+                        "1e-4 x max|output|")
+    p.add_argument("--json", metavar="OUT", help="write the full run record as JSON")
+    p.add_argument("--reprofile", action="store_true",
+                   help="measure capabilities again instead of using the per-host cache")
+    p.add_argument("--threads", type=int, default=None, metavar="T",
+                   help="torch threads per rank (default: cores / ranks on the host, >= 1)")
+    p.add_argument("--watchdog", type=float, default=300.0, metavar="S",
+                   help="abort if any single wait on other ranks exceeds S seconds (0 = never)")
+    p.add_argument("--plan", metavar="FILE", default=None,
+                   help="run this plan (JSON from `edgeci-mpi plan --json`, made for this model, "
+                        "input and number of ranks) instead of planning; --strategy is ignored")
+    p.add_argument("--inject-failure", default=None, help=argparse.SUPPRESS)
+    p.epilog = ("--strategy also takes a comma list or 'all': each plan runs the same images "
+                "in one job.  Every rank must see the same files (model factory, weights, "
+                "cluster file); images are read on rank 0 only.")
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher tells it (before MPI is initialised), else 0."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        v = os.environ.get(var)
+        if v and v.isdigit():
+            return int(v)
+    return 0
+
+
+def _quiet_error(p: argparse.ArgumentParser):
+    """argparse errors: every rank exits 2 (MPI is not started yet, so nobody waits), but only
+    rank 0 prints the usage message."""
+    def error(message: str):
+        if launcher_rank() == 0:
+            p.print_usage(sys.stderr)
+            print(f"{p.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+    return error
+
+
+@dataclass
+class Setup:
+    """What rank 0 validated; broadcast to every rank."""
+
+    model: str                    # builder name or package.module:factory
+    label: str                    # what the user typed
+    chw: tuple[int, int, int]
+    strategies: list[str]
+    cluster: Cluster | None       # the cluster file, None for measured-only ('local')
+    pretrained: bool
+    image_labels: list[str] = field(default_factory=list)
+    plan_json: str | None = None  # --plan FILE, already checked against the ranks
+
+
+def run_main(args: argparse.Namespace) -> int:
+    from .comm import Comm
+
+    comm = Comm(timeout_s=args.watchdog or 0.0)
+    return run_guarded(comm, lambda: _run(comm, args))
+
+
+def _run(comm, args) -> int:
+    from ..execute import Executor
+    from ..models import build_model, weights_checksum
+    from ..graph import trace
+    from ..strategies import make_plan
+    from .emulate import Emulator
+    from .engine import PlanRunner
+    from .profile import gather_reports, host_cores
+    from .results import RunRecord, summarise, verify_outputs, write_json
+
+    t_job = time.perf_counter()
+    # 1. validate (rank 0), agree, broadcast
+    images: list[torch.Tensor] = []
+    outcome = checked(lambda: _validate(args, comm.size)) if comm.rank == 0 else Outcome()
+    injection = None
+    if comm.rank == 0 and outcome.error is None:
+        (setup, images) = outcome.value  # type: ignore[misc]
+        outcome = Outcome(value=setup)
+    agree(comm, outcome, "rank 0 to check the arguments")
+    setup: Setup = comm.bcast(outcome.value, "the validated arguments")
+    injection = Injection.parse(args.inject_failure)
+
+    threads = args.threads or max(1, host_cores() // comm.ranks_on_host)
+    torch.set_num_threads(threads)
+
+    # 2. build the model on every rank; agree on weights
+    t0 = time.perf_counter()
+    built = checked(lambda: _build(setup, args, build_model, trace))
+    model, mg = agree(comm, built, "every rank to build the model")  # type: ignore[misc]
+    build_s = time.perf_counter() - t0
+    sums = comm.allgather(weights_checksum(model), "weights checksums")
+    if len(set(sums)) != 1:
+        bad = next(r for r, s in enumerate(sums) if s != sums[0])
+        if comm.rank == 0:
+            print(error_line(bad, "?", f"weights checksum {sums[bad]} differs from rank 0's "
+                                       f"{sums[0]}: ranks built different weights"),
+                  file=sys.stderr, flush=True)
+        raise JobFailed(EXIT_USAGE)
+
+    # 3. capability reports
+    t0 = time.perf_counter()
+    reports = gather_reports(comm, reprofile=args.reprofile)
+    profile_s = time.perf_counter() - t0
+
+    # 4. plan on rank 0, broadcast as JSON
+    planned = Outcome()
+    cluster = None
+    if comm.rank == 0:
+        cluster = planning_cluster(setup.cluster, [r.device() for r in reports], comm.size)
+        if setup.plan_json is not None:
+            planned = checked(lambda: [check_plan_fits(Plan.from_json(setup.plan_json), mg.spec)])
+        else:
+            planned = checked(lambda: [make_plan(mg.spec, cluster, s).to_json(indent=None)
+                                       for s in setup.strategies])
+    agree(comm, planned, "rank 0 to plan")
+    plans_json, cluster = comm.bcast((planned.value, cluster), "the plans")
+    plans = [Plan.from_json(j) for j in plans_json]
+    emulator = Emulator(cluster.devices[comm.rank], coordinator=comm.rank == 0)
+
+    # 5. run every plan over the image stream
+    executor = Executor(mg)
+    runs = []
+    for plan in plans:
+        runner = PlanRunner(comm, mg, plan, emulator, executor, injection)
+        if comm.rank == 0:
+            for _ in range(max(0, args.warmup)):
+                runner.run_image(images[0], -1)
+            t0 = time.perf_counter()
+            results = [runner.run_image(x, i) for i, x in enumerate(images)]
+            stream_s = time.perf_counter() - t0
+            runner.stop()
+        else:
+            runner.serve()
+            results, stream_s = [], 0.0
+        tile_times = comm.gather(runner.tile_times(), "per-tile timings")
+        runs.append((plan, results, stream_s, tile_times))
+        injection = None if runner.images_run else injection
+
+    # 6. verify, report; everyone leaves with rank 0's exit code
+    code = 0
+    if comm.rank == 0:
+        record = RunRecord(args=vars(args), setup=setup, ranks=comm.size, threads=threads,
+                           reports=reports, cluster=cluster, checksum=sums[0],
+                           build_s=build_s, profile_s=profile_s)
+        refs = verify_outputs(model, images) if args.verify else None
+        for plan, results, stream_s, tile_times in runs:
+            record.add_run(plan, results, stream_s, tile_times, refs, VERIFY_RTOL)
+        record.total_s = time.perf_counter() - t_job
+        print(summarise(record), flush=True)
+        if args.json:
+            write_json(record, args.json)
+        if args.verify and not record.verified:
+            code = EXIT_VERIFY
+    return comm.bcast(code, "rank 0's report")
+
+
+# --- phase 1: validation ------------------------------------------------------------------------
+
+def resolve_model(name: str) -> str:
+    """The builder or ``package.module:factory`` behind a ``--model`` name (aliases applied)."""
+    return ALIASES.get(name, name)
+
+
+def check_model_name(name: str) -> None:
+    """Cheap check that ``name`` can be built, without building it."""
+    from ..models import ModelError, build_model, torchvision_names
+
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ModelError(f"cannot import model factory {name!r}: {e}") from None
+    elif name not in torchvision_names():
+        build_model(name)  # raises ModelError with build_model's hint
+        raise ModelError(f"unknown model {name!r}")  # pragma: no cover
+
+
+def parse_strategies(text: str) -> list[str]:
+    from ..strategies import STRATEGIES
+
+    names = list(STRATEGIES) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in STRATEGIES]
+    if bad or not names:
+        raise RunError(f"unknown strategy {', '.join(bad) or repr(text)}; choose from "
+                       f"{', '.join(STRATEGIES)}, a comma list, or 'all'")
+    return names
+
+
+def load_cluster_file(name: str, ranks: int) -> Cluster | None:
+    """The cluster file's devices for ``ranks`` ranks, or None if it emulates nothing
+    (then every device is measured: 'local' and other real clusters)."""
+    from ..cluster import load_cluster
+
+    cluster = load_cluster(name)
+    if not any(d.emulated for d in cluster.devices):
+        return None
+    if len(cluster) < ranks:
+        raise RunError(f"cluster {name} describes {len(cluster)} devices but the job has "
+                       f"{ranks} ranks; start fewer ranks or add devices")
+    if len(cluster) > ranks:
+        cluster = replace(cluster, devices=cluster.devices[:ranks],
+                          notes=cluster.notes + (f"first {ranks} of {len(cluster)} devices",))
+    return cluster
+
+
+def planning_cluster(file_cluster: Cluster | None, measured: list[Device], ranks: int) -> Cluster:
+    """Device r is the file's device r where the file emulates it, else rank r's report."""
+    if file_cluster is None:
+        return Cluster("measured", tuple(measured), source="capability reports")
+    devs = tuple(f if f.emulated else replace(m, name=f"{f.name}@{m.name}")
+                 for f, m in zip(file_cluster.devices, measured))
+    return replace(file_cluster, devices=devs)
+
+
+def load_plan_file(path: str, chw: tuple[int, int, int], ranks: int) -> str:
+    try:
+        plan = Plan.from_json(Path(path).read_text())
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise RunError(f"cannot read plan {path!r}: {type(e).__name__}: {e}") from None
+    if tuple(plan.input_chw) != tuple(chw):
+        raise RunError(f"plan {path!r} is for input {'x'.join(map(str, plan.input_chw))}, "
+                       f"the run uses {'x'.join(map(str, chw))}")
+    try:
+        plan.validate(ranks)
+    except ValueError as e:
+        raise RunError(f"plan {path!r} does not fit {ranks} ranks: {e}") from None
+    return plan.to_json(indent=None)
+
+
+def check_plan_fits(plan: Plan, spec) -> str:
+    """A loaded plan must cover the model's spatial units with the right shapes."""
+    stop = plan.blocks[-1].stop if plan.blocks else 0
+    if stop != len(spec.units):
+        raise RunError(f"plan covers units 0..{stop}, the model has {len(spec.units)}")
+    for b in plan.blocks:
+        if tuple(b.out_chw) != tuple(spec.units[b.stop - 1].out_chw) or \
+                tuple(b.in_chw) != tuple(spec.units[b.start].in_chw):
+            raise RunError(f"plan block {b.name} does not match the model's shapes")
+    return plan.to_json(indent=None)
+
+
+def _validate(args, ranks: int) -> tuple[Setup, list[torch.Tensor]]:
+    from ..models import default_input, parse_input
+    from .images import load_inputs
+
+    model = resolve_model(args.model)
+    chw = parse_input(args.input) if args.input else default_input(args.model)
+    check_model_name(model)
+    strategies = parse_strategies(args.strategy)
+    cluster = None if args.cluster == "local" else load_cluster_file(args.cluster, ranks)
+    if args.weights and not Path(args.weights).is_file():
+        raise RunError(f"weights file {args.weights!r} does not exist")
+    for flag, v, lo in (("--threads", args.threads, 1), ("--warmup", args.warmup, 0),
+                        ("--watchdog", args.watchdog, 0)):
+        if v is not None and v < lo:
+            raise RunError(f"{flag} must be >= {lo}, got {v}")
+    Injection.parse(args.inject_failure)
+    images, labels = load_inputs(chw, args.image, args.image_dir, args.images, args.seed)
+    plan_json = load_plan_file(args.plan, chw, ranks) if args.plan else None
+    pretrained = bool(args.weights) or model in PRETRAINED
+    return Setup(model, args.model, chw, strategies, cluster, pretrained, labels,
+                 plan_json), images
+
+
+def _build(setup: Setup, args, build_model, trace):
+    m = build_model(setup.model, seed=args.seed, weights=args.weights)
+    return m, trace(m, setup.chw, name=setup.label)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from ..cli import main
+
+    raise SystemExit(main(["run", *sys.argv[1:]]))

@@ -1,0 +1,201 @@
+"""What a run reports on rank 0: the human summary and the full JSON record (issue 3, item 6).
+
+Per strategy: per-image latency (first image to last, warm-up excluded) and throughput; per
+block the plan's prediction next to the median measured time on rank 0 (send + own tiles +
+waiting for the others + stitching) and each tile's measured compute on its rank; the head.
+``--verify`` compares every image's logits with ``model(x)`` run whole on rank 0.  Runs on
+emulated devices say "EMULATED" in both the summary and the record.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..cost import Cluster
+from ..plan import Plan
+
+
+def verify_outputs(model: torch.nn.Module, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The single-device reference: ``model(x)`` for every image."""
+    with torch.no_grad():
+        return [model(x) for x in images]
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor, rtol: float) -> dict:
+    diff = float((out - ref).abs().max())
+    scale = float(ref.abs().max())
+    return {"max_abs_diff": diff, "max_abs_ref": scale, "tolerance": rtol * scale,
+            "ok": bool(out.shape == ref.shape and diff <= rtol * scale)}
+
+
+def imagenet_classes() -> list[str] | None:
+    """ImageNet class names shipped in torchvision's weight metadata (no download)."""
+    try:
+        from torchvision.models import ResNet18_Weights
+
+        return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+    except Exception:  # pragma: no cover - metadata layout changed
+        return None
+
+
+def top5(logits: torch.Tensor, names: list[str] | None) -> list[dict]:
+    p = torch.softmax(logits.flatten().double(), 0)
+    vals, idx = p.topk(min(5, p.numel()))
+    return [{"class": int(i), "name": names[int(i)] if names and int(i) < len(names) else "",
+             "p": float(v)} for v, i in zip(vals, idx)]
+
+
+@dataclass
+class RunRecord:
+    args: dict
+    setup: object
+    ranks: int
+    threads: int
+    reports: list
+    cluster: Cluster
+    checksum: str
+    build_s: float
+    profile_s: float
+    runs: list[dict] = field(default_factory=list)
+    total_s: float = 0.0
+
+    @property
+    def emulated(self) -> list[int]:
+        return [r for r, d in enumerate(self.cluster.devices) if d.emulated]
+
+    @property
+    def verified(self) -> bool:
+        return all(run["verify"] is not None and run["verify"]["ok"] for run in self.runs)
+
+    def add_run(self, plan: Plan, results, stream_s: float, tile_times, refs, rtol: float) -> None:
+        n = len(results)
+        lat = [r.total_s for r in results]
+        blocks = []
+        for bi, b in enumerate(plan.blocks):
+            measured = [r.blocks_s[bi] for r in results]
+            tiles = []
+            for ti, t in enumerate(b.tiles):
+                ts = tile_times[t.device].compute_s.get((bi, ti), []) if tile_times else []
+                tiles.append({"device": t.device, "out_rows": t.out_rows, "out_cols": t.out_cols,
+                              "predicted_compute_s": t.compute_s,
+                              "predicted_finish_s": t.finish_s,
+                              "measured_compute_s": statistics.median(ts) if ts else None})
+            blocks.append({"name": b.name, "units": [b.start, b.stop], "devices": b.devices,
+                           "predicted_s": b.predicted_s,
+                           "measured_s": statistics.median(measured) if measured else None,
+                           "measured_per_image_s": measured, "tiles": tiles})
+        verify = None
+        if refs is not None:
+            checks = [compare(r.logits, ref, rtol) for r, ref in zip(results, refs)]
+            verify = {"ok": all(c["ok"] for c in checks), "rtol": rtol, "images": checks}
+        names = imagenet_classes() if getattr(self.setup, "pretrained", False) else None
+        self.runs.append({
+            "strategy": plan.strategy, "plan": plan.to_dict(), "images": n,
+            "latency_s": lat, "latency_median_s": statistics.median(lat) if lat else None,
+            "stream_s": stream_s, "throughput_per_s": n / stream_s if stream_s > 0 else None,
+            "predicted_s": plan.predicted_s, "blocks": blocks,
+            "head_predicted_s": plan.head_s,
+            "head_measured_s": statistics.median([r.head_s for r in results]) if results else None,
+            "verify": verify,
+            "top5": [top5(r.logits, names) for r in results] if names else None,
+        })
+
+    def to_dict(self) -> dict:
+        setup = self.setup
+        return {
+            "tool": "edgeci-mpi run", "args": self.args,
+            "model": setup.label, "model_source": setup.model, "input_chw": list(setup.chw),
+            "images": setup.image_labels, "pretrained": setup.pretrained,
+            "ranks": self.ranks, "threads_per_rank": self.threads,
+            "weights_checksum": self.checksum,
+            "emulated": bool(self.emulated), "emulated_ranks": self.emulated,
+            "cluster": {"name": self.cluster.name, "source": self.cluster.source,
+                        "notes": list(self.cluster.notes),
+                        "devices": [asdict(d) for d in self.cluster.devices]},
+            "reports": [r.to_dict() for r in self.reports],
+            "build_s": self.build_s, "profile_s": self.profile_s, "total_s": self.total_s,
+            "runs": self.runs, "verified": self.verified if any(r["verify"] for r in self.runs)
+            else None,
+        }
+
+
+def write_json(record: RunRecord, path: str) -> None:
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(_clean(record.to_dict()), indent=1, default=str))
+
+
+def _clean(v):
+    """Strict JSON: infinite floats (an unmetered link) become the string "inf"."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1e3:.2f}"
+
+
+def summarise(rec: RunRecord) -> str:
+    s = rec.setup
+    hosts = sorted({r.host for r in rec.reports})
+    lines = [f"edgeci-mpi run  model={s.label} input={'x'.join(map(str, s.chw))}  ranks={rec.ranks} "
+             f"on {len(hosts)} host(s) ({', '.join(hosts)}), {rec.threads} thread(s)/rank",
+             f"weights: {'file ' + rec.args['weights'] if rec.args.get('weights') else 'pretrained' if s.pretrained else 'seed ' + str(rec.args.get('seed'))}"
+             f", checksum {rec.checksum} agreed by all ranks; built in {rec.build_s:.1f} s"]
+    if rec.emulated:
+        lines.append(f"EMULATED: ranks {','.join(map(str, rec.emulated))} behave like the "
+                     f"devices of cluster {rec.cluster.name!r} (compute stretched, links delayed)")
+    else:
+        lines.append("cluster: measured capability reports (nothing emulated)")
+    lines.append(f"  {'rank':>4} {'host':<12} {'device':<22} {'GFLOP/s':>8} {'ovh ms':>7} "
+                 f"{'lat ms':>7} {'MB/s':>9}")
+    for r, (rep, dev) in enumerate(zip(rec.reports, rec.cluster.devices)):
+        bw = "-" if dev.bandwidth_Bps == float("inf") or r == 0 else f"{dev.bandwidth_Bps / 1e6:.0f}"
+        lines.append(f"  {r:>4} {rep.host[:12]:<12} {dev.name[:22]:<22} "
+                     f"{dev.flops_per_s / 1e9:>8.2f} {dev.overhead_s * 1e3:>7.2f} "
+                     f"{'-' if r == 0 else f'{dev.latency_s * 1e3:.3f}':>7} {bw:>9}"
+                     f"{'  EMULATED' if dev.emulated else ''}")
+    cached = all(r.compute_cached for r in rec.reports)
+    lines.append(f"  (profile {rec.profile_s:.2f} s{', from cache' if cached else ''})")
+    for run in rec.runs:
+        lines.append("")
+        lat = run["latency_s"]
+        tp = run["throughput_per_s"]
+        lines.append(f"strategy {run['strategy']}: latency {_ms(run['latency_median_s'])} ms "
+                     f"median of {run['images']} image(s) (min {_ms(min(lat)) if lat else '-'}), "
+                     f"{tp:.2f} images/s; predicted {_ms(run['predicted_s'])} ms"
+                     f"{'  [EMULATED]' if rec.emulated else ''}")
+        lines.append(f"  {'#':>3} {'units':>7}  {'block':<30} {'tiles':>5} {'devices':<12} "
+                     f"{'pred ms':>8} {'meas ms':>8}")
+        for i, b in enumerate(run["blocks"]):
+            devs = ",".join(map(str, b["devices"]))
+            name = b["name"] if len(b["name"]) <= 30 else b["name"][:27] + "..."
+            lines.append(f"  {i:>3} {b['units'][0]:>3}-{b['units'][1] - 1:<3}  {name:<30} "
+                         f"{len(b['tiles']):>5} {devs[:12]:<12} {_ms(b['predicted_s']):>8} "
+                         f"{_ms(b['measured_s']):>8}")
+        lines.append(f"  {'':>3} {'':>7}  {'head (rank 0)':<30} {'':>5} {'0':<12} "
+                     f"{_ms(run['head_predicted_s']):>8} {_ms(run['head_measured_s']):>8}")
+        v = run["verify"]
+        if v is not None:
+            worst = max(v["images"], key=lambda c: c["max_abs_diff"] / max(c["tolerance"], 1e-30))
+            lines.append(f"  verify: {'OK' if v['ok'] else 'FAILED'}  max|diff| "
+                         f"{worst['max_abs_diff']:.3g} vs tolerance {worst['tolerance']:.3g} "
+                         f"(1e-4 x max|output|) over {len(v['images'])} image(s)")
+        if run["top5"]:
+            labels = s.image_labels
+            for i, t5 in enumerate(run["top5"][:4]):
+                cls = ", ".join(f"{c['class']} {c['name']} {c['p']:.3f}" for c in t5)
+                lines.append(f"  top-5 {Path(labels[i]).name if i < len(labels) else i}: {cls}")
+    lines.append(f"total {rec.total_s:.1f} s")
+    return "\n".join(lines)

