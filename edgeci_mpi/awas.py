@@ -14,8 +14,8 @@ speed.  The paper's steps, as done here:
      (``bottleneck_assign``): the slowest device first, then the sum among those assignments.
   3. Tile sizes are rebalanced for that assignment (``rebalance``): every tile's size moves in
      proportion to its measured rate so that all devices finish together, keeping the best
-     makespan seen; then the auction runs again on the new sizes, until the makespan stops
-     improving.
+     makespan seen, then single-pixel moves off the slowest tile (``polish``); then the
+     auction runs again on the new sizes, until the makespan stops improving.
 
 Everything is plain data: a cost function ``(device, rows, cols) -> seconds`` or a cost matrix.
 No torch, no MPI.
@@ -252,6 +252,58 @@ def rebalance(layout: Layout, owner: list[int], cost: CostFn, iterations: int = 
     return best, best_t
 
 
+def polish(layout: Layout, owner: list[int], cost: CostFn, times: list[float],
+           max_moves: int = 200) -> tuple[Layout, list[float]]:
+    """Local search after ``rebalance``: move one pixel row or column from the slowest tile
+    (or band) to a neighbour while the sorted finish times decrease lexicographically.
+    Integer tile sizes on small maps are where proportional steps fall short."""
+    starts, k = [], 0
+    for ws in layout.widths:
+        starts.append(k)
+        k += len(ws)
+
+    def band_times(lay: Layout, b: int) -> list[float]:
+        rows = split_sizes(lay.heights)[b]
+        first = starts[b]
+        return [cost(owner[first + q], rows, cols)
+                for q, cols in enumerate(split_sizes(lay.widths[b]))]
+
+    def key(ts: list[float]) -> list[float]:
+        return sorted(ts, reverse=True)
+
+    for _ in range(max_moves):
+        worst = max(range(len(times)), key=times.__getitem__)
+        b = max(i for i in range(len(starts)) if starts[i] <= worst)
+        q = worst - starts[b]
+        best_lay, best_t = None, key(times)
+        moves = []
+        ws = layout.widths[b]
+        for nq in (q - 1, q + 1):
+            if 0 <= nq < len(ws) and ws[q] > 1:
+                new = list(ws)
+                new[q] -= 1
+                new[nq] += 1
+                moves.append(Layout(layout.heights, layout.widths[:b] + [new] + layout.widths[b + 1:]))
+        for nb in (b - 1, b + 1):
+            if 0 <= nb < len(layout.heights) and layout.heights[b] > 1:
+                hs = list(layout.heights)
+                hs[b] -= 1
+                hs[nb] += 1
+                moves.append(Layout(hs, layout.widths))
+        for lay in moves:
+            ts = list(times)
+            for bb in range(len(starts)):
+                if lay.heights[bb] != layout.heights[bb] or lay.widths[bb] != layout.widths[bb] \
+                        or split_sizes(lay.heights)[bb] != split_sizes(layout.heights)[bb]:
+                    ts[starts[bb]:starts[bb] + len(lay.widths[bb])] = band_times(lay, bb)
+            if key(ts) < best_t:
+                best_lay, best_t, best_ts = lay, key(ts), ts
+        if best_lay is None:
+            break
+        layout, times = best_lay, best_ts
+    return layout, times
+
+
 @dataclass
 class Assignment:
     rects: list[tuple[int, Interval, Interval]]   # (device, rows, cols)
@@ -298,6 +350,8 @@ def awas(h: int, w: int, devices: Sequence[int], cost: CostFn,
             cols = bottleneck_assign(matrix(rects))
             owner = [devices[j] for j in cols]
             layout, times = rebalance(layout, owner, cost)
+            if not quick:
+                layout, times = polish(layout, owner, cost, times)
             span = max(times)
             if best is None or span < best.makespan:
                 per_dev: dict[int, float] = {}

@@ -219,12 +219,27 @@ def test_image_folder_stream(cache_dir, tmp_path):
     folder.mkdir()
     for i, colour in enumerate([(200, 10, 10), (10, 200, 10), (10, 10, 200)]):
         Image.new("RGB", (80, 70), colour).save(folder / f"{i}.png")
+    # A plan made by `edgeci-mpi plan` for two devices runs after the --strategy plan.
+    plan = tmp_path / "plan.json"
+    p = subprocess.run([sys.executable, "-m", "edgeci_mpi", "plan", "--model", "resnet34",
+                        "--input", "3x64x64", "--cluster", "local", "--devices", "2",
+                        "--strategy", "edgeci", "--json", str(plan)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr
     out = tmp_path / "stream.json"
     r = launch(2, "--model", "resnet34", "--input", "3x64x64", "--image-dir", str(folder),
-               "--strategy", "edgeci", "--verify", "--json", str(out), cache=cache_dir)
+               "--strategy", "single", "--plan", str(plan), "--verify", "--json", str(out),
+               cache=cache_dir)
     assert r.rc == 0, r
     rec = record(out)
-    assert len(rec["images"]) == 3 and len(rec["runs"][0]["latency_s"]) == 3
+    assert len(rec["images"]) == 3 and len(rec["reference_latency_s"]) == 3
+    assert [run["strategy"] for run in rec["runs"]] == ["single", "edgeci"]
+    assert all(len(run["latency_s"]) == 3 and run["verify"]["ok"] for run in rec["runs"])
+    # The same plan file refuses a job with another number of ranks.
+    r = launch(3, "--model", "resnet34", "--input", "3x64x64", "--plan", str(plan),
+               cache=cache_dir, limit=120)
+    assert r.rc == 2 and "does not fit 3 ranks" in r.err, r
 
 
 def test_real_weights_cat_same_class_and_probabilities(cache_dir, tmp_path):

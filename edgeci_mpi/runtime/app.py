@@ -10,7 +10,9 @@ reaches (so an error found in one is reported once, by rank 0, and every rank ex
 3. **profile**: capability reports gathered on rank 0 (``runtime.profile``);
 4. **plan** (rank 0): a cluster of the measured devices, or of the cluster file's devices for
    those it marks emulated; one plan per strategy, broadcast as JSON;
-5. **run**: each plan executes the image stream (``runtime.engine``), warm-up first;
+5. **run**: the plans execute the image stream (``runtime.engine``), warm-up first, then
+   interleaved image by image (each image through every plan, then through ``model(x)`` on
+   rank 0 when verifying), so comparisons between plans are paired;
 6. **report** (rank 0): ``--verify`` against ``model(x)``, the summary, ``--json``; the exit
    code is broadcast so every rank leaves with the same one.
 
@@ -58,11 +60,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--watchdog", type=float, default=300.0, metavar="S",
                    help="abort if any single wait on other ranks exceeds S seconds (0 = never)")
     p.add_argument("--plan", metavar="FILE", default=None,
-                   help="run this plan (JSON from `edgeci-mpi plan --json`, made for this model, "
-                        "input and number of ranks) instead of planning; --strategy is ignored")
+                   help="also run this plan (JSON from `edgeci-mpi plan --json`, made for this "
+                        "model, input and number of ranks) after the --strategy plans")
     p.add_argument("--inject-failure", default=None, help=argparse.SUPPRESS)
-    p.epilog = ("--strategy also takes a comma list or 'all': each plan runs the same images "
-                "in one job.  Every rank must see the same files (model factory, weights, "
+    p.epilog = ("--strategy also takes a comma list or 'all': every plan runs the same images "
+                "in one job, interleaved image by image.  Every rank must see the same files (model factory, weights, "
                 "cluster file); images are read on rank 0 only.")
 
 
@@ -113,7 +115,7 @@ def _run(comm, args) -> int:
     from ..graph import trace
     from ..strategies import make_plan
     from .emulate import Emulator
-    from .engine import PlanRunner
+    from .engine import PlanRunner, serve, stop_workers
     from .profile import gather_reports, host_cores
     from .results import RunRecord, summarise, verify_outputs, write_json
 
@@ -156,34 +158,39 @@ def _run(comm, args) -> int:
     cluster = None
     if comm.rank == 0:
         cluster = planning_cluster(setup.cluster, [r.device() for r in reports], comm.size)
-        if setup.plan_json is not None:
-            planned = checked(lambda: [check_plan_fits(Plan.from_json(setup.plan_json), mg.spec)])
-        else:
-            planned = checked(lambda: [make_plan(mg.spec, cluster, s).to_json(indent=None)
-                                       for s in setup.strategies])
+        planned = checked(lambda: [make_plan(mg.spec, cluster, s).to_json(indent=None)
+                                   for s in setup.strategies] +
+                          ([check_plan_fits(Plan.from_json(setup.plan_json), mg.spec)]
+                           if setup.plan_json is not None else []))
     agree(comm, planned, "rank 0 to plan")
     plans_json, cluster = comm.bcast((planned.value, cluster), "the plans")
     plans = [Plan.from_json(j) for j in plans_json]
     emulator = Emulator(cluster.devices[comm.rank], coordinator=comm.rank == 0)
 
-    # 5. run every plan over the image stream
+    # 5. run the plans over the image stream, interleaved image by image (paired timings)
     executor = Executor(mg)
-    runs = []
-    for plan in plans:
-        runner = PlanRunner(comm, mg, plan, emulator, executor, injection)
-        if comm.rank == 0:
+    runners = [PlanRunner(comm, mg, plan, emulator, executor, injection, k)
+               for k, plan in enumerate(plans)]
+    results: list[list] = [[] for _ in plans]
+    refs: list[torch.Tensor] = []
+    ref_s: list[float] = []
+    if comm.rank == 0:
+        for runner in runners:
             for _ in range(max(0, args.warmup)):
                 runner.run_image(images[0], -1)
-            t0 = time.perf_counter()
-            results = [runner.run_image(x, i) for i, x in enumerate(images)]
-            stream_s = time.perf_counter() - t0
-            runner.stop()
-        else:
-            runner.serve()
-            results, stream_s = [], 0.0
-        tile_times = comm.gather(runner.tile_times(), "per-tile timings")
-        runs.append((plan, results, stream_s, tile_times))
-        injection = None if runner.images_run else injection
+        if args.verify and args.warmup:
+            verify_outputs(model, images[:1])
+        for i, x in enumerate(images):
+            for k, runner in enumerate(runners):
+                results[k].append(runner.run_image(x, i))
+            if args.verify:  # the single-device reference, timed under the same conditions
+                t0 = time.perf_counter()
+                refs.extend(verify_outputs(model, [x]))
+                ref_s.append(time.perf_counter() - t0)
+        stop_workers(comm)
+    else:
+        serve(comm, runners)
+    tile_times = [comm.gather(r.tile_times(), "per-tile timings") for r in runners]
 
     # 6. verify, report; everyone leaves with rank 0's exit code
     code = 0
@@ -191,9 +198,9 @@ def _run(comm, args) -> int:
         record = RunRecord(args=vars(args), setup=setup, ranks=comm.size, threads=threads,
                            reports=reports, cluster=cluster, checksum=sums[0],
                            build_s=build_s, profile_s=profile_s)
-        refs = verify_outputs(model, images) if args.verify else None
-        for plan, results, stream_s, tile_times in runs:
-            record.add_run(plan, results, stream_s, tile_times, refs, VERIFY_RTOL)
+        record.reference_s = ref_s
+        for plan, res, times in zip(plans, results, tile_times):
+            record.add_run(plan, res, times, refs if args.verify else None, VERIFY_RTOL)
         record.total_s = time.perf_counter() - t_job
         print(summarise(record), flush=True)
         if args.json:

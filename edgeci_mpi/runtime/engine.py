@@ -1,6 +1,7 @@
 """Execute a broadcast Plan across the ranks (issue 3, item 5).  It never plans.
 
-Per image, rank 0 tells every worker ``("image", i)``; then, block by block:
+Per image and plan, rank 0 tells every worker ``("image", k, i)`` (plan k, image i); then,
+block by block:
 
 1. rank 0 posts a receive for every remote tile's output, then sends each remote tile's input
    region (halo included) as one contiguous float32 buffer with a non-blocking send;
@@ -11,7 +12,9 @@ Per image, rank 0 tells every worker ``("image", i)``; then, block by block:
 A worker posts receives for all of its tiles of a block at once, computes each tile as its
 input arrives and sends the output back.  Buffer shapes come from the plan, so both sides
 preallocate them once and reuse them for every image; tags are distinct per (block, tile).
-The head runs on rank 0.  Workers loop until ``("stop",)``.
+The head runs on rank 0.  Workers loop (:func:`serve`) until ``("stop",)``.  Several plans
+can be live at once, so rank 0 can interleave them image by image: paired measurements that
+machine load drifting during a run cannot bias.
 
 On one host MPICH moves large messages by the receiver copying from the sender's memory
 (measured: a 16 MiB message arrives in 2.2 ms while the sender sleeps), so rank 0 can compute
@@ -56,8 +59,10 @@ class PlanRunner:
     """One plan on one rank: ``run_image`` on rank 0, ``serve`` on the workers."""
 
     def __init__(self, comm, mg: ModelGraph, plan: Plan, emulator: Emulator,
-                 executor: Executor | None = None, injection: Injection | None = None):
+                 executor: Executor | None = None, injection: Injection | None = None,
+                 index: int = 0):
         self.comm, self.mg, self.plan = comm, mg, plan
+        self.index = index  # which plan this is, in the commands
         self.rank = comm.rank
         self.emulator = emulator
         self.executor = executor or Executor(mg)
@@ -84,7 +89,7 @@ class PlanRunner:
         return self.comm.tile_tag(bi, ti, self.max_tiles)
 
     def _maybe_fail(self, bi: int) -> None:
-        if self.injection is not None and self.images_run == 0:
+        if self.injection is not None:
             self.injection.maybe_fail(self.rank, bi)
 
     def _compute(self, bi: int, ti: int, block: Block, tile: Tile, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +104,7 @@ class PlanRunner:
     @torch.no_grad()
     def run_image(self, x: torch.Tensor, index: int) -> ImageResult:
         t_start = time.perf_counter()
-        cmds = [self.comm.send_command(("image", index), r) for r in self.workers]
+        cmds = [self.comm.send_command(("image", self.index, index), r) for r in self.workers]
         blocks_s = []
         for bi, block in enumerate(self.plan.blocks):
             t0 = time.perf_counter()
@@ -137,28 +142,20 @@ class PlanRunner:
         return out
 
     def stop(self) -> None:
-        reqs = [self.comm.send_command(("stop",), r) for r in self.workers]
-        self.comm.wait_all(reqs, "workers to take the stop command")
+        stop_workers(self.comm)
 
     # --- workers ----------------------------------------------------------------------------
-    @torch.no_grad()
     def serve(self) -> None:
-        """Run images until rank 0 says stop."""
-        while True:
-            cmd = self.comm.recv_command()
-            if cmd[0] == "stop":
-                return
-            if cmd[0] != "image":
-                raise RuntimeError(f"unknown command {cmd!r} from rank 0")
-            self._worker_image()
-            self.images_run += 1
+        """Run this plan's images until rank 0 says stop."""
+        serve(self.comm, [self])
 
-    def _worker_image(self) -> None:
+    @torch.no_grad()
+    def worker_image(self) -> None:
         for bi, block in enumerate(self.plan.blocks):
+            self._maybe_fail(bi)  # also where this rank has no tile: the test hook must fire
             mine = self.mine[bi]
             if not mine:
                 continue
-            self._maybe_fail(bi)
             recvs = [self.comm.irecv_tensor(self.bufs[bi, ti], 0, self.tag(bi, ti)) for ti in mine]
             sends, keep = [], []
             for ti, req in zip(mine, recvs):
@@ -170,9 +167,26 @@ class PlanRunner:
                 keep.append(y)
                 sends.append(self.comm.isend_tensor(y, 0, self.tag(bi, ti)))
             self.comm.wait_all(sends, f"rank 0 to take block {bi} outputs")
+        self.images_run += 1
 
     def tile_times(self) -> TileTimes:
         return TileTimes(self.rank, dict(self.times))
+
+
+def stop_workers(comm) -> None:
+    reqs = [comm.send_command(("stop",), r) for r in range(1, comm.size)]
+    comm.wait_all(reqs, "workers to take the stop command")
+
+
+def serve(comm, runners: list[PlanRunner]) -> None:
+    """A worker's loop: run ``("image", plan, i)`` commands until ``("stop",)``."""
+    while True:
+        cmd = comm.recv_command()
+        if cmd[0] == "stop":
+            return
+        if cmd[0] != "image" or not 0 <= cmd[1] < len(runners):
+            raise RuntimeError(f"unknown command {cmd!r} from rank 0")
+        runners[cmd[1]].worker_image()
 
 
 def _region(x: torch.Tensor, t: Tile) -> torch.Tensor:

@@ -117,7 +117,8 @@ def run_guarded(comm, body: Callable[[], int]) -> int:
 @dataclass(frozen=True)
 class Injection:
     """``--inject-failure RANK:BLOCK[:raise|kill|hang]`` (or env ``EDGECI_INJECT_FAILURE``):
-    rank RANK fails when it starts block BLOCK of the first image it runs.  ``raise`` (default)
+    rank RANK fails when it first reaches block BLOCK (of any plan, warm-up included; a worker
+    passes every block of every image, with or without tiles in it).  ``raise`` (default)
     raises, ``kill`` sends itself SIGKILL, ``hang`` sleeps until the watchdog or mpiexec ends
     it.  Hidden from ``--help``; for the failure tests."""
 

@@ -4,6 +4,11 @@ Compute: a convolution micro-benchmark at four sizes (about 10 to 120 MFLOP), me
 runs each, fitted by least squares to the cost model's compute model ``t = a * flops + b``
 (``cost.Device.compute_time``): ``flops_per_s = 1 / a``, ``overhead_s = b``.
 
+The conv fit's intercept is only the cost of launching one conv (microseconds); a block call
+in the runtime also walks the block's graph in Python.  ``overhead_s`` is therefore the larger
+of the intercept and the measured time of one ``BlockRunner`` call on a block of negligible
+work (one 4-channel conv + ReLU on a 2x2 tile), so planners do not treat extra blocks as free.
+
 Link: a ping-pong between rank 0 and each other rank in turn at 8 B .. 4 MiB; the best round
 trip halved is the one-way time, fitted to ``t = latency + bytes / bandwidth``
 (``cost.Device.link_time``).
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 
 from ..cost import Device
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 #: (channels, map size) of the conv micro-benchmark: 3x3 conv, C -> C, stride 1, padding 1.
 CONV_SIZES = ((32, 28), (32, 56), (64, 40), (64, 56))
 PING_SIZES = (8, 64 * 1024, 1024 * 1024, 4 * 1024 * 1024)
@@ -96,6 +101,29 @@ def conv_benchmark(repeats: int = 3) -> tuple[float, float, list[tuple[float, fl
             points.append((2.0 * c * c * 9 * hw * hw, statistics.median(times)))
     a, b = fit_line([p[0] for p in points], [p[1] for p in points])
     return 1.0 / a, b, points
+
+
+def block_call_overhead(repeats: int = 21) -> float:
+    """Seconds of one ``BlockRunner.run`` call whose arithmetic is negligible."""
+    from ..execute import BlockRunner
+    from ..graph import trace
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(),
+                            torch.nn.Flatten())
+    mg = trace(m, (4, 8, 8), "probe")
+    run = BlockRunner(mg, 0, len(mg.spec.units))
+    rows = cols = (2, 4)
+    (r0, r1), (c0, c1) = run.input_region(rows, cols)
+    x = torch.randn(1, 4, r1 - r0, c1 - c0)
+    times = []
+    with torch.no_grad():
+        run.run(x, rows, cols)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run.run(x, rows, cols)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def available_memory() -> int:
@@ -173,7 +201,9 @@ def gather_reports(comm, reprofile: bool = False) -> list[Report] | None:
         compute = None if reprofile else cache.get("compute")
         if compute is None:
             fps, ovh, pts = conv_benchmark()
-            compute = {"flops_per_s": fps, "overhead_s": ovh, "points": pts, "cached": False}
+            call = block_call_overhead()
+            compute = {"flops_per_s": fps, "overhead_s": max(ovh, call), "conv_intercept_s": ovh,
+                       "block_call_s": call, "points": pts, "cached": False}
             cache["compute"] = {**compute, "cached": True}
     compute = comm.host_bcast(compute, "the host's compute benchmark")
     share = min(1.0, cores / (comm.ranks_on_host * threads))

@@ -63,6 +63,7 @@ class RunRecord:
     profile_s: float
     runs: list[dict] = field(default_factory=list)
     total_s: float = 0.0
+    reference_s: list[float] = field(default_factory=list)  # model(x) on rank 0, per image
 
     @property
     def emulated(self) -> list[int]:
@@ -72,9 +73,10 @@ class RunRecord:
     def verified(self) -> bool:
         return all(run["verify"] is not None and run["verify"]["ok"] for run in self.runs)
 
-    def add_run(self, plan: Plan, results, stream_s: float, tile_times, refs, rtol: float) -> None:
+    def add_run(self, plan: Plan, results, tile_times, refs, rtol: float) -> None:
         n = len(results)
         lat = [r.total_s for r in results]
+        stream_s = sum(lat)
         blocks = []
         for bi, b in enumerate(plan.blocks):
             measured = [r.blocks_s[bi] for r in results]
@@ -97,7 +99,7 @@ class RunRecord:
         self.runs.append({
             "strategy": plan.strategy, "plan": plan.to_dict(), "images": n,
             "latency_s": lat, "latency_median_s": statistics.median(lat) if lat else None,
-            "stream_s": stream_s, "throughput_per_s": n / stream_s if stream_s > 0 else None,
+            "throughput_per_s": n / stream_s if stream_s > 0 else None,
             "predicted_s": plan.predicted_s, "blocks": blocks,
             "head_predicted_s": plan.head_s,
             "head_measured_s": statistics.median([r.head_s for r in results]) if results else None,
@@ -119,6 +121,9 @@ class RunRecord:
                         "devices": [asdict(d) for d in self.cluster.devices]},
             "reports": [r.to_dict() for r in self.reports],
             "build_s": self.build_s, "profile_s": self.profile_s, "total_s": self.total_s,
+            "reference_latency_s": self.reference_s,
+            "reference_latency_median_s": statistics.median(self.reference_s)
+            if self.reference_s else None,
             "runs": self.runs, "verified": self.verified if any(r["verify"] for r in self.runs)
             else None,
         }
@@ -197,5 +202,9 @@ def summarise(rec: RunRecord) -> str:
             for i, t5 in enumerate(run["top5"][:4]):
                 cls = ", ".join(f"{c['class']} {c['name']} {c['p']:.3f}" for c in t5)
                 lines.append(f"  top-5 {Path(labels[i]).name if i < len(labels) else i}: {cls}")
+    if rec.reference_s:
+        lines.append("")
+        lines.append(f"model(x) whole on rank 0 (the --verify reference, interleaved with the "
+                     f"runs): {_ms(statistics.median(rec.reference_s))} ms median")
     lines.append(f"total {rec.total_s:.1f} s")
     return "\n".join(lines)
