@@ -104,8 +104,8 @@ def auction(benefit: np.ndarray, allowed: np.ndarray | None = None,
         eps = max(eps / 8.0, eps_final)
 
 
-def _has_matching(allowed: np.ndarray) -> bool:
-    """Kuhn's augmenting paths: can every row get its own allowed column?"""
+def _matching(allowed: np.ndarray) -> list[int] | None:
+    """Kuhn's augmenting paths: a column for every row on allowed arcs, or None."""
     n, m = allowed.shape
     match_col = [-1] * m
     adj = [np.flatnonzero(allowed[i]).tolist() for i in range(n)]
@@ -121,13 +121,18 @@ def _has_matching(allowed: np.ndarray) -> bool:
 
     for i in sorted(range(n), key=lambda r: len(adj[r])):
         if not augment(i, [False] * m):
-            return False
-    return True
+            return None
+    out = [-1] * n
+    for j, i in enumerate(match_col):
+        if i >= 0:
+            out[i] = j
+    return out
 
 
-def bottleneck_assign(cost: np.ndarray) -> list[int]:
+def bottleneck_assign(cost: np.ndarray, tie_break: bool = True) -> list[int]:
     """Assignment minimising the largest cost, then the sum among those (auction on the arcs
-    under the smallest feasible threshold, found by binary search)."""
+    under the smallest feasible threshold, found by binary search).  ``tie_break=False``
+    returns the threshold's matching as found, skipping the auction: same makespan."""
     cost = np.asarray(cost, dtype=float)
     n, m = cost.shape
     if n == 0:
@@ -136,12 +141,16 @@ def bottleneck_assign(cost: np.ndarray) -> list[int]:
     lo, hi = 0, len(values) - 1
     # The threshold is at least the largest row minimum (every tile must go somewhere).
     lo = int(np.searchsorted(values, cost.min(axis=1).max()))
+    found = None
     while lo < hi:
         mid = (lo + hi) // 2
-        if _has_matching(cost <= values[mid]):
-            hi = mid
+        match = _matching(cost <= values[mid])
+        if match is not None:
+            hi, found = mid, match
         else:
             lo = mid + 1
+    if not tie_break:
+        return found if found is not None else _matching(cost <= values[lo])
     return auction(-cost, allowed=cost <= values[lo])
 
 
@@ -150,6 +159,11 @@ def bottleneck_assign(cost: np.ndarray) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 Rect = tuple[Interval, Interval]
+
+# Above this many tiles the auction's tie-break between equal-makespan assignments costs more
+# than it gains: tiles and devices come in a few identical classes and the bidders' price
+# wars grow with their square.  The bottleneck matching (same makespan) is used as found.
+AUCTION_TIE_BREAK_MAX = 16
 CostFn = Callable[[int, Interval, Interval], float]
 
 
@@ -321,7 +335,9 @@ def awas(h: int, w: int, devices: Sequence[int], cost: CostFn,
     ``work(rows, cols) -> (flops, in_bytes, out_bytes)`` and ``device_model(devices, works)
     -> cost matrix`` let the bids be computed for all devices at once (the cost model's
     vectorised form); the result is the same.  ``quick`` tries only the layout closest to
-    square tiles, with one auction: the estimate DPFL uses to compare candidate blocks.
+    square tiles, one assignment round, and takes the bottleneck matching without the
+    auction's tie-break on the sum (same makespan): the estimate DPFL uses to compare
+    candidate blocks before the full AWAS runs on the blocks it chose.
     """
     devices = list(devices)
     k = len(devices)
@@ -347,7 +363,8 @@ def awas(h: int, w: int, devices: Sequence[int], cost: CostFn,
         prev = math.inf
         for _ in range(rounds):
             rects = layout.rects()
-            cols = bottleneck_assign(matrix(rects))
+            cols = bottleneck_assign(matrix(rects),
+                                     tie_break=not quick and k <= AUCTION_TIE_BREAK_MAX)
             owner = [devices[j] for j in cols]
             layout, times = rebalance(layout, owner, cost)
             if not quick:

@@ -123,7 +123,6 @@ def _run(comm, args) -> int:
     # 1. validate (rank 0), agree, broadcast
     images: list[torch.Tensor] = []
     outcome = checked(lambda: _validate(args, comm.size)) if comm.rank == 0 else Outcome()
-    injection = None
     if comm.rank == 0 and outcome.error is None:
         (setup, images) = outcome.value  # type: ignore[misc]
         outcome = Outcome(value=setup)
@@ -139,12 +138,13 @@ def _run(comm, args) -> int:
     built = checked(lambda: _build(setup, args, build_model, trace))
     model, mg = agree(comm, built, "every rank to build the model")  # type: ignore[misc]
     build_s = time.perf_counter() - t0
-    sums = comm.allgather(weights_checksum(model), "weights checksums")
-    if len(set(sums)) != 1:
-        bad = next(r for r, s in enumerate(sums) if s != sums[0])
+    sums = comm.allgather((comm.host, weights_checksum(model)), "weights checksums")
+    bad = [r for r, (_, s) in enumerate(sums) if s != sums[0][1]]
+    if bad:
         if comm.rank == 0:
-            print(error_line(bad, "?", f"weights checksum {sums[bad]} differs from rank 0's "
-                                       f"{sums[0]}: ranks built different weights"),
+            host, s = sums[bad[0]]
+            print(error_line(bad[0], host, f"weights checksum {s} differs from rank 0's "
+                                           f"{sums[0][1]}: the ranks built different weights"),
                   file=sys.stderr, flush=True)
         raise JobFailed(EXIT_USAGE)
 
@@ -196,7 +196,7 @@ def _run(comm, args) -> int:
     code = 0
     if comm.rank == 0:
         record = RunRecord(args=vars(args), setup=setup, ranks=comm.size, threads=threads,
-                           reports=reports, cluster=cluster, checksum=sums[0],
+                           reports=reports, cluster=cluster, checksum=sums[0][1],
                            build_s=build_s, profile_s=profile_s)
         record.reference_s = ref_s
         for plan, res, times in zip(plans, results, tile_times):

@@ -66,19 +66,20 @@ def plan_edgeci(spec: ModelSpec, cluster: Cluster) -> Plan:
     unit_flops = [u.flops for u in spec.units]
     prefix = np.concatenate([[0.0], np.cumsum(unit_flops)])
     choice: dict[tuple[int, int], list] = {}
+    cost_of: dict[tuple[int, int], float] = {}
 
     @lru_cache(maxsize=None)
     def geom(i: int, j: int) -> BlockGeom:
         return BlockGeom.of(spec, i, j)
 
-    def block_cost(i: int, j: int, quick: bool = True) -> float:
+    def block_cost(i: int, j: int, quick: bool = True, ks: list[int] | None = None) -> float:
         """Best predicted time of block [i, j): coordinator alone, or AWAS on k devices."""
         g = geom(i, j)
         _, h, w = g.out_chw
         whole = g.tile_work((0, h), (0, w))
         best = arr.time(0, *whole)
         best_rects = [(0, (0, h), (0, w))]
-        for k in k_candidates(n, h * w):
+        for k in (k_candidates(n, h * w) if ks is None else ks):
             # The k devices that would finish an even 1/k share soonest.
             share = np.array([[whole[0] / k, whole[1] / k, whole[2] / k]])
             order = np.argsort(arr.matrix(range(n), share)[0], kind="stable")
@@ -93,6 +94,7 @@ def plan_edgeci(spec: ModelSpec, cluster: Cluster) -> Plan:
             elif res.makespan > best * 1.25:
                 break  # past the point where more devices pay: links and halos dominate
         choice[(i, j)] = best_rects
+        cost_of[(i, j)] = best
         return best
 
     def lower_bound(i: int, j: int) -> float:
@@ -112,6 +114,10 @@ def plan_edgeci(spec: ModelSpec, cluster: Cluster) -> Plan:
     _, blocks = dpfl(len(spec.units), block_cost, lower_bound=lower_bound,
                      stop_extending=too_redundant)
     for i, j in blocks:  # full AWAS (every layout, repeated auctions) on the chosen blocks
-        block_cost(i, j, quick=False)
+        k = len({d for d, _, _ in choice[(i, j)]})
+        if k > 1:
+            quick_rects, quick_t = choice[(i, j)], cost_of[(i, j)]
+            if block_cost(i, j, quick=False, ks=[k]) > quick_t:
+                choice[(i, j)] = quick_rects
     built = [make_block(spec, cluster, i, j, choice[(i, j)]) for i, j in blocks]
     return finish_plan(spec, cluster, "edgeci", built)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command: set up, run the MPI tests under mpiexec -n 2 and -n 4 (pytest-mpi), then
+# every other test (pure logic, and the CLI end to end under mpiexec in subprocesses).  The
+# last line printed is the ordinary pytest summary of that last run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash jobs/setup.sh
+export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 EDGECI_CACHE_DIR="${TMPDIR:-/tmp}/edgeci-test-cache-$$"
+for n in 2 4; do
+    echo "== MPI tests on $n ranks"
+    # Only rank 0 prints; the others' output goes to /dev/null (exit codes still count).
+    timeout 900 mpiexec -n "$n" bash -c \
+        'if [ "${PMI_RANK:-0}" = 0 ]; then exec python -m pytest -q -p no:cacheprovider --with-mpi --only-mpi tests/; else exec python -m pytest -q -p no:cacheprovider --with-mpi --only-mpi tests/ >/dev/null 2>&1; fi'
+done
+echo "== all other tests"
+exec timeout 3600 python -m pytest -q -p no:cacheprovider tests/
