@@ -85,6 +85,20 @@ def test_clamp_and_border_pads_by_hand():
     # dilated window hanging off both sides of a 3-row map
     iv = window_input((0, 1), Window(3, 1, 2, 3))
     assert iv == (-2, 5) and clamp(iv, 3) == (0, 3) and border_pads(iv, 3) == (2, 2)
+    # windows wholly in the padding (padding >= kernel): an empty interval inside the map,
+    # and padding for exactly the window's length
+    iv = window_input((0, 1), Window(1, 1, 1))
+    assert iv == (-1, 0) and clamp(iv, 10) == (0, 0) and border_pads(iv, 10) == (1, 0)
+    iv = window_input((0, 1), Window(2, 1, 3))
+    assert iv == (-3, -1) and clamp(iv, 10) == (0, 0) and border_pads(iv, 10) == (2, 0)
+    iv = window_input((11, 12), Window(1, 1, 1))
+    assert iv == (10, 11) and clamp(iv, 10) == (10, 10) and border_pads(iv, 10) == (0, 1)
+    assert clamp((12, 14), 10) == (10, 10) and border_pads((12, 14), 10) == (0, 2)
+    for lo in range(-6, 14):
+        for hi in range(lo, 16):
+            a, b = clamp((lo, hi), 10)
+            assert 0 <= a <= b <= 10
+            assert sum(border_pads((lo, hi), 10)) + (b - a) == hi - lo
 
 
 def test_union_split_even_split_sizes():
@@ -141,6 +155,15 @@ def test_need_intervals_residual_and_concat_by_hand():
            OpGeom((0, 1), (9, 9)))
     assert need_intervals(ops, 9, 0, (0, 1))[0] == (0, 3)
     assert need_intervals(ops, 9, 0, (8, 9))[0] == (6, 9)
+    # a tile whose windows all lie in the padding needs no input at all
+    ops = (OpGeom((-1,), (9, 9), _conv(3, 1, 1)),
+           OpGeom((0,), (13, 13), _conv(1, 1, 2)))
+    inp, per_op = need_intervals(ops, 9, 0, (0, 2))
+    assert per_op == ((0, 0), (0, 2)) and inp == (0, 0)
+    inp, per_op = need_intervals(ops, 9, 0, (11, 13))
+    assert per_op == ((0, 0), (11, 13)) and inp == (0, 0)
+    inp, per_op = need_intervals(ops, 9, 0, (1, 3))
+    assert per_op == ((0, 1), (1, 3)) and inp == (0, 2)
     # an op nobody needs computes nothing
     ops = (OpGeom((-1,), (9, 9), _conv(3, 1, 1)),
            OpGeom((-1,), (9, 9), _conv(1)))
@@ -630,16 +653,41 @@ def test_ceil_mode_overhang_every_single_pixel(pool, hw):
     assert_close(run_tiled(mg, 1, 2, model[0](x).detach(), pixels), ref, what=str(pool))
 
 
+@pytest.mark.parametrize("model", [
+    # a 1x1 conv padded by 2: the outer ring of its output is bias only
+    nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 1, padding=2)),
+    # stride above kernel with padding: some windows fall between the input's pixels or
+    # into the padding
+    nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 3, 1, 3, 1), nn.Conv2d(3, 2, 2, 1, 2)),
+])
+def test_tiles_whose_windows_lie_in_the_padding(model):
+    torch.manual_seed(0)
+    chw = (2, 11, 9)
+    model.eval()
+    mg = trace(model, chw, "pad")
+    x = torch.randn(1, *chw, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+    n = len(mg.spec.units)
+    runner = BlockRunner(mg, 0, n)
+    _, h, w = mg.spec.units[-1].out_chw
+    assert runner.input_region((0, 1), (0, 1)) == ((0, 0), (0, 0))
+    pixels = [((i, i + 1), (j, j + 1)) for i in range(h) for j in range(w)]
+    assert_close(run_tiled(mg, 0, n, x, pixels), ref, what=str(model))
+    strips = [((i, i + 1), (0, w)) for i in range(h)]
+    assert_close(run_tiled(mg, 0, n, x, strips), ref, what=str(model))
+
+
 class InplaceOnInput(nn.Module):
-    """``x += f(x)``: the block input itself is modified in place by the model."""
+    """``x.add_(f(x))``: the block input itself is modified in place by the model (``x += ...``
+    would not do: torch.fx records it as an out-of-place add)."""
 
     def __init__(self, c: int):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
 
     def forward(self, x):
-        x += self.conv(x)
-        return x
+        return x.add_(self.conv(x))
 
 
 class Scale(nn.Module):
@@ -648,7 +696,7 @@ class Scale(nn.Module):
 
 
 def test_inplace_ops_on_block_input_do_not_leak_between_tiles():
-    # Units: Scale (x.mul_ on the model input), conv, InplaceOnInput (x += conv(x)), conv.
+    # Units: Scale (x.mul_ on the model input), conv, InplaceOnInput (x.add_(conv(x))), conv.
     torch.manual_seed(0)
     chw = (3, 13, 11)
     model = nn.Sequential(Scale(), nn.Conv2d(3, 3, 3, padding=1), InplaceOnInput(3),
