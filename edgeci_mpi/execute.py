@@ -84,9 +84,12 @@ class BlockRunner:
         return env[self.nodes[-1]][0]
 
     def _elementwise(self, node, env, r: Interval, c: Interval) -> torch.Tensor:
+        shape = node.meta["tensor_meta"].shape
+
         def fetch(a: fx.Node) -> Any:
-            if a.op == "get_attr":
-                return _getattr(self.mg.gm, a.target)
+            if a.op == "get_attr":  # a constant map (a learned per-pixel bias, say): crop it too
+                return _crop_constant(_getattr(self.mg.gm, a.target), int(shape[2]),
+                                      int(shape[3]), r, c)
             return _crop(*env[a], r, c)
 
         args = fx.node.map_arg(node.args, fetch)
@@ -158,6 +161,20 @@ def _getattr(mod: torch.nn.Module, target: str) -> Any:
     for part in target.split("."):
         mod = getattr(mod, part)
     return mod
+
+
+def _crop_constant(v: Any, h: int, w: int, r: Interval, c: Interval) -> Any:
+    """The part of a constant operand that meets the tile ``r x c`` of an ``h x w`` map.
+
+    Broadcasting aligns trailing dimensions, so a tensor's last two dimensions are the map's
+    rows and columns: a full-size one is cropped, a size-1 one broadcasts as it is."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    if v.dim() >= 1 and v.shape[-1] == w:
+        v = v[..., c[0]:c[1]]
+    if v.dim() >= 2 and v.shape[-2] == h:
+        v = v[..., r[0]:r[1], :]
+    return v
 
 
 def _crop(t: torch.Tensor, held_r: Interval, held_c: Interval, r: Interval, c: Interval):

@@ -678,6 +678,39 @@ def test_tiles_whose_windows_lie_in_the_padding(model):
     assert_close(run_tiled(mg, 0, n, x, strips), ref, what=str(model))
 
 
+class ConstantMaps(nn.Module):
+    """Element-wise ops with constant operands the size of the map: a learned per-pixel bias,
+    a per-row scale, a per-column shift, and constant coordinate channels concatenated."""
+
+    def __init__(self, h: int, w: int):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bias = nn.Parameter(torch.randn(1, 3, h, w))
+        self.row_scale = nn.Parameter(torch.rand(h, 1) + 0.5)
+        self.col_shift = nn.Parameter(torch.randn(w))
+        self.register_buffer("coords", torch.stack(torch.meshgrid(
+            torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij"))[None])
+        self.out = nn.Conv2d(5, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = (self.conv(x) + self.bias) * self.row_scale + self.col_shift
+        return self.out(torch.cat([y, self.coords], 1))
+
+
+def test_constant_map_operands_are_cropped_with_the_tile():
+    torch.manual_seed(0)
+    chw = (2, 11, 9)
+    model = ConstantMaps(11, 9).eval()
+    mg = trace(model, chw, "consts")
+    x = torch.randn(1, *chw, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+    n = len(mg.spec.units)
+    rng = random.Random(0)
+    for _ in range(5):
+        assert_close(run_tiled(mg, 0, n, x, random_tiling(rng, 11, 9)), ref, what="constants")
+
+
 class InplaceOnInput(nn.Module):
     """``x.add_(f(x))``: the block input itself is modified in place by the model (``x += ...``
     would not do: torch.fx records it as an out-of-place add)."""
