@@ -108,6 +108,10 @@ class Plan:
             _, h, w = b.out_chw
             covered = [[0] * w for _ in range(h)]
             for t in b.tiles:
+                if not (0 <= t.out_rows[0] < t.out_rows[1] <= h
+                        and 0 <= t.out_cols[0] < t.out_cols[1] <= w):
+                    raise ValueError(f"block {b.name}: tile {t.out_rows}x{t.out_cols} is empty or "
+                                     f"outside the {h}x{w} output")
                 if n_devices is not None and not 0 <= t.device < n_devices:
                     raise ValueError(f"block {b.name}: tile on device {t.device}, cluster has "
                                      f"{n_devices}")

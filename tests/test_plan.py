@@ -130,9 +130,6 @@ def test_validate_catches_unknown_devices():
         p.validate(n_devices=3)
 
 
-@pytest.mark.xfail(strict=True, raises=(IndexError, AssertionError),
-                   reason="plan.validate() indexes its coverage grid with the tile's rows: a "
-                          "tile past the map raises IndexError, a negative one wraps around")
 def test_validate_catches_tiles_outside_the_map():
     p = small_plan()
     p.blocks[0].tiles[0].out_rows = (0, 9)  # past the 8-row map

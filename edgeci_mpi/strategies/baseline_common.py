@@ -1,0 +1,110 @@
+"""Helpers the peer-system baselines share (MoDNN, DeepThings, EdgeLD, AOFL and the EdgeCI
+ablations): devices ranked by speed, row strips proportional to speed, tile times from the
+cost model, and the EdgeLD-style fusion points (one block per resolution stage).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..awas import _proportional
+from ..cost import Cluster
+from ..geometry import Interval, split_sizes
+from ..units import BlockGeom, ModelSpec, UnitSpec
+from .edgeci import DeviceArrays
+
+Rect = tuple[int, Interval, Interval]
+
+
+def fastest(cluster: Cluster, k: int | None = None) -> list[int]:
+    """Device indices by compute speed (``flops_per_s``), fastest first; ties by rank."""
+    order = sorted(range(len(cluster)), key=lambda d: (-cluster.devices[d].flops_per_s, d))
+    return order if k is None else order[:k]
+
+
+def best_for_share(arr: DeviceArrays, n: int, whole: tuple[float, float, float],
+                   k: int) -> list[int]:
+    """The ``k`` devices that would finish an even ``1/k`` share of a block soonest (compute,
+    overhead and link): EdgeCI's device choice per block, so its ablations keep it."""
+    share = np.array([[whole[0] / k, whole[1] / k, whole[2] / k]])
+    order = np.argsort(arr.matrix(range(n), share)[0], kind="stable")
+    return [int(d) for d in order[:k]]
+
+
+def speed_shares(total: int, speeds: Sequence[float]) -> list[int]:
+    """Integer sizes (>= 1 each, summing to ``total``) proportional to ``speeds``."""
+    return _proportional([1] * len(speeds), [1.0 / s for s in speeds], total)
+
+
+def strip_rects(devices: Sequence[int], heights: Sequence[int], w: int) -> list[Rect]:
+    """Full-width row strips, top to bottom, strip ``q`` of ``heights[q]`` rows on ``devices[q]``."""
+    return [(d, rows, (0, w)) for d, rows in zip(devices, split_sizes(list(heights)))]
+
+
+def speed_strips(cluster: Cluster, devices: Sequence[int], h: int, w: int) -> list[Rect]:
+    """Row strips proportional to the devices' speed, in the order given; only the fastest
+    ``h`` of them when the map has fewer rows than devices (every strip has a row)."""
+    devices = list(devices)
+    if len(devices) > h:
+        keep = set(sorted(devices, key=lambda d: (-cluster.devices[d].flops_per_s, d))[:h])
+        devices = [d for d in devices if d in keep]
+    heights = speed_shares(h, [cluster.devices[d].flops_per_s for d in devices])
+    return strip_rects(devices, heights, w)
+
+
+def rect_times(arr: DeviceArrays, geom: BlockGeom, rects: Sequence[Rect]) -> dict[int, float]:
+    """Predicted busy time per device (its tiles one after another), as ``block_time`` sums."""
+    per_dev: dict[int, float] = {}
+    for d, r, c in rects:
+        per_dev[d] = per_dev.get(d, 0.0) + arr.time(d, *geom.tile_work(r, c))
+    return per_dev
+
+
+def rects_time(arr: DeviceArrays, geom: BlockGeom, rects: Sequence[Rect]) -> float:
+    """A block's predicted time (makespan) for these tiles, without building the ``Block``."""
+    return max(rect_times(arr, geom, rects).values())
+
+
+# --- fusion points: one block per resolution stage (EdgeLD) ----------------------------------
+
+def _downsamples(u: UnitSpec) -> bool:
+    return u.out_chw[1] < u.in_chw[1] or u.out_chw[2] < u.in_chw[2]
+
+
+def is_pool_unit(u: UnitSpec) -> bool:
+    """A unit that shrinks the map with pooling: every strided window op in it does at most one
+    operation per window element and channel (a pool: ``C * kh * kw`` per output pixel; a
+    convolution, even a depthwise one, does at least two, a multiply and an add)."""
+    if not _downsamples(u):
+        return False
+    strided = [op for op in u.ops if op.windows and (op.windows[0].stride > 1
+                                                     or op.windows[1].stride > 1)]
+    c = u.out_chw[0]
+    return bool(strided) and all(
+        op.flops_per_pixel <= c * op.windows[0].kernel * op.windows[1].kernel for op in strided)
+
+
+def stage_cuts(spec: ModelSpec) -> list[int]:
+    """Unit indices where a new block starts, the chain's end included: right after every
+    pooling unit that shrinks the map (VGG's max pools close their conv group), and right
+    before every other unit that shrinks it (a strided conv or residual block: it opens the
+    next stage where pool-free networks such as ResNet downsample)."""
+    n = len(spec.units)
+    cuts = set()
+    for i, u in enumerate(spec.units):
+        if is_pool_unit(u):
+            cuts.add(i + 1)
+        elif _downsamples(u) and i > 0:
+            cuts.add(i)
+    cuts.add(n)
+    return sorted(c for c in cuts if 0 < c <= n)
+
+
+def stage_blocks(spec: ModelSpec) -> list[tuple[int, int]]:
+    """Blocks ``[(i, j), ...]`` between consecutive ``stage_cuts``."""
+    blocks, start = [], 0
+    for c in stage_cuts(spec):
+        blocks.append((start, c))
+        start = c
+    return blocks
