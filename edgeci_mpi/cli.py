@@ -37,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-presets", action="store_true", help="list built-in clusters and exit")
     p.epilog = f"strategies: {', '.join(STRATEGIES)}"
 
+    s = sub.add_parser("simulate", help="evaluate strategies on a modelled cluster "
+                       "(shared coordinator link), 2 to 256 devices")
+    add_model_arguments(s)
+    s.set_defaults(strategy="all")
+    s.add_argument("--devices", type=int, nargs="+", default=None, metavar="N",
+                   help="grow or shrink the cluster to N devices (several N: a sweep)")
+    s.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+
     try:
         from .runtime.app import add_run_arguments
     except ImportError:  # pragma: no cover - runtime not importable (no mpi4py)
@@ -82,15 +90,60 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def strategy_list(text: str) -> list[str]:
+    from .strategies import STRATEGIES
+
+    names = list(STRATEGIES) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    for n in names:
+        if n not in STRATEGIES:
+            raise ValueError(f"unknown strategy {n!r}; choose from {', '.join(STRATEGIES)} or all")
+    return names
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from .cluster import load_cluster
+    from .simulate import simulate
+    from .strategies import make_plan
+
+    names = strategy_list(args.strategy)
+    base = load_cluster(args.cluster)
+    _, mg = load_model_graph(args.model, args.input, args.seed, args.weights)
+    records = []
+    print(f"model={args.model} input={'x'.join(map(str, mg.spec.input_chw))} "
+          f"cluster={base.name}")
+    print(f"{'devices':>7} {'strategy':<14} {'planned ms':>10} {'simulated ms':>12} "
+          f"{'speedup':>8} {'ideal':>6} {'plan s':>7}")
+    for n in args.devices or [len(base)]:
+        cluster = base.resized(n) if n != len(base) else base
+        speeds = [d.flops_per_s for d in cluster.devices]
+        ideal = sum(speeds) / max(speeds)
+        single = simulate(make_plan(mg.spec, cluster, "single"), cluster).simulated_s
+        for name in names:
+            plan = make_plan(mg.spec, cluster, name)
+            res = simulate(plan, cluster)
+            print(f"{n:>7} {name:<14} {res.predicted_s * 1e3:>10.1f} {res.simulated_s * 1e3:>12.1f} "
+                  f"{single / res.simulated_s:>7.2f}x {ideal:>5.1f}x {plan.planning_s:>7.2f}",
+                  flush=True)
+            records.append({"devices": n, "strategy": name, "speedup": single / res.simulated_s,
+                            "ideal": ideal, "planning_s": plan.planning_s, **asdict(res)})
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1))
+        print(f"results written to {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "plan":
+    if args.command in ("plan", "simulate"):
         from .cluster import ClusterError
         from .graph import UntileableOp
         from .models import ModelError
 
         try:
-            return cmd_plan(args)
+            return cmd_plan(args) if args.command == "plan" else cmd_simulate(args)
         except (ClusterError, UntileableOp, ModelError, ValueError, OSError) as e:
             print(f"edgeci-mpi: error: {e}", file=sys.stderr)
             return 2

@@ -66,3 +66,40 @@ def tile_times(geom: BlockGeom, dev: Device, is_coordinator: bool, rows: Interva
     if is_coordinator:
         return flops, 0.0, dev.compute_time(flops), 0.0
     return flops, dev.link_time(in_b), dev.compute_time(flops), dev.link_time(out_b)
+
+
+def schedule_time(cluster: Cluster, items: list[tuple[int, float, float, float]]) -> float:
+    """Time of one block whose tiles ``(device, flops, in_bytes, out_bytes)`` run in a star:
+    the coordinator's one link carries every scatter, one behind another in the order given,
+    and every gather, in the order the tiles finish; each device computes its tiles in turn
+    as their inputs arrive, the coordinator its own meanwhile.  This is the shared-link model
+    of ``simulate.py``; planners use it to price whole blocks."""
+    devs = cluster.devices
+    link = 0.0
+    ends: list[tuple[float, int, float]] = []
+    free: dict[int, float] = {}
+    for d, flops, in_b, out_b in items:
+        if d != 0:
+            link += devs[d].link_time(in_b)
+            arrive = link
+        else:
+            arrive = 0.0
+        end = max(arrive, free.get(d, 0.0)) + devs[d].compute_time(flops)
+        free[d] = end
+        ends.append((end, d, out_b))
+    finish = 0.0
+    for end, d, out_b in sorted(ends):
+        if d == 0:
+            finish = max(finish, end)
+        else:
+            link = max(link, end) + devs[d].link_time(out_b)
+            finish = max(finish, link)
+    return finish
+
+
+def send_order(items: list[tuple[int, float, float, float]], cluster: Cluster) -> list[int]:
+    """Scatter order for a block: the coordinator's own tiles need no transfer; the others go
+    out longest compute first, so the slowest tiles start earliest (as in Johnson's rule)."""
+    devs = cluster.devices
+    return sorted(range(len(items)), key=lambda i: (
+        items[i][0] != 0, -devs[items[i][0]].compute_time(items[i][1])))

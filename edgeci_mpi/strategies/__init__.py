@@ -10,7 +10,13 @@ from typing import Callable
 from ..cost import Cluster
 from ..plan import Plan
 from ..units import ModelSpec
+from .aofl import plan_aofl
+from .deepthings import plan_deepthings
 from .edgeci import plan_edgeci
+from .edgeci_equal import plan_edgeci_equal
+from .edgeci_fixed import plan_edgeci_fixed
+from .edgeld import plan_edgeld
+from .modnn import plan_modnn
 from .single import plan_single
 
 Planner = Callable[[ModelSpec, Cluster], Plan]
@@ -18,6 +24,12 @@ Planner = Callable[[ModelSpec, Cluster], Plan]
 STRATEGIES: dict[str, Planner] = {
     "edgeci": plan_edgeci,
     "single": plan_single,
+    "modnn": plan_modnn,
+    "deepthings": plan_deepthings,
+    "edgeld": plan_edgeld,
+    "aofl": plan_aofl,
+    "edgeci-equal": plan_edgeci_equal,
+    "edgeci-fixed": plan_edgeci_fixed,
 }
 
 

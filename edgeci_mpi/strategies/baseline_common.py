@@ -8,11 +8,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..awas import _proportional
+from ..awas import _proportional, awas
 from ..cost import Cluster
 from ..geometry import Interval, split_sizes
 from ..units import BlockGeom, ModelSpec, UnitSpec
-from .edgeci import DeviceArrays
+from .edgeci import DeviceArrays, k_candidates
 
 Rect = tuple[int, Interval, Interval]
 
@@ -108,3 +108,33 @@ def stage_blocks(spec: ModelSpec) -> list[tuple[int, int]]:
         blocks.append((start, c))
         start = c
     return blocks
+
+
+# --- EdgeCI's per-block choice, for its ablations --------------------------------------------
+
+def awas_block(arr: DeviceArrays, geom: BlockGeom, n: int) -> list[Rect]:
+    """EdgeCI's tiles for one block: the coordinator alone or AWAS over the ``k`` best devices
+    (``best_for_share``), quick AWAS for every ``k`` worth trying, then full AWAS on the best."""
+    _, h, w = geom.out_chw
+    whole = geom.tile_work((0, h), (0, w))
+    best_t, best = arr.time(0, *whole), [(0, (0, h), (0, w))]
+    best_k = 1
+
+    def cost(d: int, rows: Interval, cols: Interval) -> float:
+        return arr.time(d, *geom.tile_work(rows, cols))
+
+    def run(k: int, quick: bool):
+        return awas(h, w, best_for_share(arr, n, whole, k), cost, work=geom.tile_work,
+                    device_model=arr.matrix, quick=quick)
+
+    for k in k_candidates(n, h * w):
+        res = run(k, quick=True)
+        if res.makespan < best_t:
+            best_t, best, best_k = res.makespan, res.rects, k
+        elif res.makespan > best_t * 1.25:
+            break  # as edgeci: past the point where more devices pay
+    if best_k > 1:
+        res = run(best_k, quick=False)
+        if res.makespan <= best_t:
+            best = res.rects
+    return best

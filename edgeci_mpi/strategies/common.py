@@ -1,7 +1,7 @@
 """Helpers every planner shares: turning rectangles and devices into ``Block``s and ``Plan``s."""
 from __future__ import annotations
 
-from ..cost import Cluster, tile_times
+from ..cost import Cluster, schedule_time, send_order, tile_times
 from ..geometry import Interval
 from ..plan import Block, Plan, Tile
 from ..units import BlockGeom, ModelSpec
@@ -16,11 +16,23 @@ def make_tile(geom: BlockGeom, cluster: Cluster, device: int, rows: Interval,
 
 def make_block(spec: ModelSpec, cluster: Cluster, start: int, stop: int,
                rects: list[tuple[int, Interval, Interval]]) -> Block:
-    """A block of units ``[start, stop)`` whose tiles are ``(device, rows, cols)``."""
+    """A block of units ``[start, stop)`` whose tiles are ``(device, rows, cols)``, in scatter
+    order, priced with the shared coordinator link (``cost.schedule_time``)."""
     geom = BlockGeom.of(spec, start, stop)
     tiles = [make_tile(geom, cluster, d, r, c) for d, r, c in rects]
+    items = [tile_items(geom, t) for t in tiles]
+    order = send_order(items, cluster)
+    tiles = [tiles[i] for i in order]
+    items = [items[i] for i in order]
     return Block(start, stop, block_name(spec, start, stop), geom.in_chw, geom.out_chw, tiles,
-                 block_time(tiles))
+                 schedule_time(cluster, items))
+
+
+def tile_items(geom: BlockGeom, t: Tile) -> tuple[int, float, float, float]:
+    bpe = geom.bytes_per_element
+    in_b = geom.in_chw[0] * t.in_hw[0] * t.in_hw[1] * bpe
+    out_b = geom.out_chw[0] * t.out_hw[0] * t.out_hw[1] * bpe
+    return t.device, t.flops, in_b, out_b
 
 
 def block_time(tiles: list[Tile]) -> float:

@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..awas import awas
-from ..cost import Cluster
+from ..cost import Cluster, schedule_time, send_order
 from ..dpfl import dpfl
 from ..plan import Plan
 from ..units import BlockGeom, ModelSpec
@@ -89,9 +89,12 @@ def plan_edgeci(spec: ModelSpec, cluster: Cluster) -> Plan:
                 return arr.time(d, *g.tile_work(rows, cols))
 
             res = awas(h, w, devs, cost, work=g.tile_work, device_model=arr.matrix, quick=quick)
-            if res.makespan < best:
-                best, best_rects = res.makespan, res.rects
-            elif res.makespan > best * 1.25:
+            # AWAS balances the devices; the block's price adds the coordinator's shared link.
+            items = [(d, *g.tile_work(r, c)) for d, r, c in res.rects]
+            took = schedule_time(cluster, [items[x] for x in send_order(items, cluster)])
+            if took < best:
+                best, best_rects = took, res.rects
+            elif took > best * 1.25:
                 break  # past the point where more devices pay: links and halos dominate
         choice[(i, j)] = best_rects
         cost_of[(i, j)] = best

@@ -1,0 +1,23 @@
+"""``edgeci-fixed``: ablation of EdgeCI (Chen, Luo, Fang, Xiong, ACM TOIT 2024) without DPFL.
+
+The fusion is fixed to EdgeLD's blocks (``baseline_common.stage_blocks``: one block per
+resolution stage, ending after each pool) instead of being chosen by DPFL; inside every block
+the tiles come from EdgeCI's own per-block choice (coordinator alone, or AWAS over the ``k``
+best devices).  Comparing it with ``edgeci`` isolates what DPFL's choice of blocks is worth.
+"""
+from __future__ import annotations
+
+from ..cost import Cluster
+from ..plan import Plan
+from ..units import BlockGeom, ModelSpec
+from .baseline_common import awas_block, stage_blocks
+from .common import finish_plan, make_block
+from .edgeci import DeviceArrays
+
+
+def plan_edgeci_fixed(spec: ModelSpec, cluster: Cluster) -> Plan:
+    arr = DeviceArrays(cluster)
+    blocks = [make_block(spec, cluster, i, j, awas_block(arr, BlockGeom.of(spec, i, j),
+                                                         len(cluster)))
+              for i, j in stage_blocks(spec)]
+    return finish_plan(spec, cluster, "edgeci-fixed", blocks)
