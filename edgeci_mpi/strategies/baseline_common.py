@@ -11,15 +11,20 @@ import numpy as np
 from ..awas import _proportional, awas
 from ..cost import Cluster
 from ..geometry import Interval, split_sizes
+from ..plan import Block
 from ..units import BlockGeom, ModelSpec, UnitSpec
+from .common import make_block, whole_block
 from .edgeci import DeviceArrays, k_candidates
 
 Rect = tuple[int, Interval, Interval]
 
 
-def fastest(cluster: Cluster, k: int | None = None) -> list[int]:
-    """Device indices by compute speed (``flops_per_s``), fastest first; ties by rank."""
-    order = sorted(range(len(cluster)), key=lambda d: (-cluster.devices[d].flops_per_s, d))
+def fastest(cluster: Cluster, k: int | None = None,
+            among: Sequence[int] | None = None) -> list[int]:
+    """Device indices (of ``among``, default all) by compute speed (``flops_per_s``), fastest
+    first, ties by rank; the first ``k`` if given."""
+    pool = range(len(cluster)) if among is None else among
+    order = sorted(pool, key=lambda d: (-cluster.devices[d].flops_per_s, d))
     return order if k is None else order[:k]
 
 
@@ -38,7 +43,7 @@ def speed_shares(total: int, speeds: Sequence[float]) -> list[int]:
 
 
 def strip_rects(devices: Sequence[int], heights: Sequence[int], w: int) -> list[Rect]:
-    """Full-width row strips, top to bottom, strip ``q`` of ``heights[q]`` rows on ``devices[q]``."""
+    """Full-width row strips, top to bottom: ``heights[q]`` rows on ``devices[q]``."""
     return [(d, rows, (0, w)) for d, rows in zip(devices, split_sizes(list(heights)))]
 
 
@@ -47,23 +52,19 @@ def speed_strips(cluster: Cluster, devices: Sequence[int], h: int, w: int) -> li
     ``h`` of them when the map has fewer rows than devices (every strip has a row)."""
     devices = list(devices)
     if len(devices) > h:
-        keep = set(sorted(devices, key=lambda d: (-cluster.devices[d].flops_per_s, d))[:h])
+        keep = set(fastest(cluster, h, devices))
         devices = [d for d in devices if d in keep]
     heights = speed_shares(h, [cluster.devices[d].flops_per_s for d in devices])
     return strip_rects(devices, heights, w)
 
 
 def rect_times(arr: DeviceArrays, geom: BlockGeom, rects: Sequence[Rect]) -> dict[int, float]:
-    """Predicted busy time per device (its tiles one after another), as ``block_time`` sums."""
+    """Predicted busy time per device, its tiles one after another (each tile: scatter, compute
+    with halo, gather; no contention on the coordinator's link)."""
     per_dev: dict[int, float] = {}
     for d, r, c in rects:
         per_dev[d] = per_dev.get(d, 0.0) + arr.time(d, *geom.tile_work(r, c))
     return per_dev
-
-
-def rects_time(arr: DeviceArrays, geom: BlockGeom, rects: Sequence[Rect]) -> float:
-    """A block's predicted time (makespan) for these tiles, without building the ``Block``."""
-    return max(rect_times(arr, geom, rects).values())
 
 
 # --- fusion points: one block per resolution stage (EdgeLD) ----------------------------------
@@ -112,29 +113,33 @@ def stage_blocks(spec: ModelSpec) -> list[tuple[int, int]]:
 
 # --- EdgeCI's per-block choice, for its ablations --------------------------------------------
 
-def awas_block(arr: DeviceArrays, geom: BlockGeom, n: int) -> list[Rect]:
-    """EdgeCI's tiles for one block: the coordinator alone or AWAS over the ``k`` best devices
-    (``best_for_share``), quick AWAS for every ``k`` worth trying, then full AWAS on the best."""
+def awas_block(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, i: int, j: int) -> Block:
+    """EdgeCI's choice for the block ``[i, j)``: the coordinator alone or AWAS over the ``k``
+    best devices (``best_for_share``), quick AWAS for every ``k`` worth trying, then full AWAS
+    on the best ``k``; every candidate priced as the plan prices it (``make_block``)."""
+    n = len(cluster)
+    geom = BlockGeom.of(spec, i, j)
     _, h, w = geom.out_chw
     whole = geom.tile_work((0, h), (0, w))
-    best_t, best = arr.time(0, *whole), [(0, (0, h), (0, w))]
+    best = whole_block(spec, cluster, i, j)
     best_k = 1
 
     def cost(d: int, rows: Interval, cols: Interval) -> float:
         return arr.time(d, *geom.tile_work(rows, cols))
 
-    def run(k: int, quick: bool):
-        return awas(h, w, best_for_share(arr, n, whole, k), cost, work=geom.tile_work,
-                    device_model=arr.matrix, quick=quick)
+    def run(k: int, quick: bool) -> Block:
+        res = awas(h, w, best_for_share(arr, n, whole, k), cost, work=geom.tile_work,
+                   device_model=arr.matrix, quick=quick)
+        return make_block(spec, cluster, i, j, res.rects)
 
     for k in k_candidates(n, h * w):
-        res = run(k, quick=True)
-        if res.makespan < best_t:
-            best_t, best, best_k = res.makespan, res.rects, k
-        elif res.makespan > best_t * 1.25:
+        b = run(k, quick=True)
+        if b.predicted_s < best.predicted_s:
+            best, best_k = b, k
+        elif b.predicted_s > best.predicted_s * 1.25:
             break  # as edgeci: past the point where more devices pay
     if best_k > 1:
-        res = run(best_k, quick=False)
-        if res.makespan <= best_t:
-            best = res.rects
+        b = run(best_k, quick=False)
+        if b.predicted_s <= best.predicted_s:
+            best = b
     return best

@@ -28,10 +28,12 @@ DOWNSAMPLE = 8
 
 
 def prefix_units(spec: ModelSpec) -> int:
-    """How many leading units DeepThings fuses (at least one)."""
+    """How many leading units DeepThings fuses (at least one): up to the first unit whose map
+    is at most ``ceil(size / 8)`` on both axes (odd sizes round up through strided layers)."""
     _, h0, w0 = spec.input_chw
+    h8, w8 = math.ceil(h0 / DOWNSAMPLE), math.ceil(w0 / DOWNSAMPLE)
     for j, u in enumerate(spec.units, 1):
-        if u.out_chw[1] * DOWNSAMPLE <= h0 and u.out_chw[2] * DOWNSAMPLE <= w0:
+        if u.out_chw[1] <= h8 and u.out_chw[2] <= w8:
             return j
     return max(1, math.ceil(len(spec.units) / 2))
 

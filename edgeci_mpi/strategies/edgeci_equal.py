@@ -4,6 +4,7 @@ Blocks are chosen by DPFL (``dpfl.dpfl``, exact: no pruning heuristics beyond a 
 but a block's tiles are equal: for each device count ``k`` an ``even_layout`` with the band count
 closest to square tiles, tile ``q`` on the ``q``-th of the ``k`` devices EdgeCI would pick
 (``best_for_share``), with no auction and no rebalancing; the coordinator alone stays an option.
+Every candidate is priced as the plan prices it (``make_block``).
 Comparing it with ``edgeci`` isolates what AWAS's assignment and tile sizing are worth.
 """
 from __future__ import annotations
@@ -13,10 +14,10 @@ import math
 from ..awas import band_options, even_layout
 from ..cost import Cluster
 from ..dpfl import dpfl
-from ..plan import Plan
+from ..plan import Block, Plan
 from ..units import BlockGeom, ModelSpec
-from .baseline_common import best_for_share, rects_time
-from .common import finish_plan, make_block
+from .baseline_common import best_for_share
+from .common import finish_plan, make_block, whole_block
 from .edgeci import DeviceArrays, k_candidates
 
 
@@ -32,26 +33,24 @@ def plan_edgeci_equal(spec: ModelSpec, cluster: Cluster) -> Plan:
     n = len(cluster)
     arr = DeviceArrays(cluster)
     speed_total = sum(d.flops_per_s for d in cluster.devices)
-    choice: dict[tuple[int, int], list] = {}
+    choice: dict[tuple[int, int], Block] = {}
 
     def block_cost(i: int, j: int) -> float:
         geom = BlockGeom.of(spec, i, j)
         _, h, w = geom.out_chw
         whole = geom.tile_work((0, h), (0, w))
-        best = [(0, (0, h), (0, w))]
-        best_t = rects_time(arr, geom, best)
+        best = whole_block(spec, cluster, i, j)
         for k in k_candidates(n, h * w):
             rects = equal_rects(h, w, best_for_share(arr, n, whole, k))
-            t = rects_time(arr, geom, rects)
-            if t < best_t:
-                best, best_t = rects, t
+            b = make_block(spec, cluster, i, j, rects)
+            if b.predicted_s < best.predicted_s:
+                best = b
         choice[(i, j)] = best
-        return best_t
+        return best.predicted_s
 
     def lower_bound(i: int, j: int) -> float:
         # No split beats the block's own work on the whole cluster's speed.
         return sum(u.flops for u in spec.units[i:j]) / speed_total
 
     _, blocks = dpfl(len(spec.units), block_cost, lower_bound=lower_bound)
-    built = [make_block(spec, cluster, i, j, choice[(i, j)]) for i, j in blocks]
-    return finish_plan(spec, cluster, "edgeci-equal", built)
+    return finish_plan(spec, cluster, "edgeci-equal", [choice[b] for b in blocks])

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from ..cost import Cluster
 from ..plan import Plan
-from ..units import BlockGeom, ModelSpec
+from ..units import ModelSpec
 from .baseline_common import awas_block, stage_blocks
-from .common import finish_plan, make_block
+from .common import finish_plan
 from .edgeci import DeviceArrays
 
 
 def plan_edgeci_fixed(spec: ModelSpec, cluster: Cluster) -> Plan:
     arr = DeviceArrays(cluster)
-    blocks = [make_block(spec, cluster, i, j, awas_block(arr, BlockGeom.of(spec, i, j),
-                                                         len(cluster)))
-              for i, j in stage_blocks(spec)]
+    blocks = [awas_block(spec, cluster, arr, i, j) for i, j in stage_blocks(spec)]
     return finish_plan(spec, cluster, "edgeci-fixed", blocks)

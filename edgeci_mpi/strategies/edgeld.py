@@ -1,5 +1,5 @@
-"""``edgeld``: EdgeLD (Xue, Fang, Xiong, Liu et al.: "EdgeLD: Locally Distributed Deep Learning
-Inference on Edge Device Clusters", IEEE HPCC 2020; the EdgeCI authors' group).
+"""``edgeld``: EdgeLD (Xue, Fang, Xu, Wang, Ma, Ding: "EdgeLD: Locally Distributed Deep Learning
+Inference on Edge Device Clusters", IEEE HPCC 2020; Weiwei Fang's group, as EdgeCI).
 
 EdgeLD fuses the convolutions between two pooling layers into one block and splits each block's
 output into strips sized in proportion to each device's computing capability, then moves the
