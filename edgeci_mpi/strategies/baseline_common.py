@@ -14,7 +14,7 @@ from ..geometry import Interval, split_sizes
 from ..plan import Block
 from ..units import BlockGeom, ModelSpec, UnitSpec
 from .common import make_block, whole_block
-from .edgeci import DeviceArrays, k_candidates
+from .edgeci import DeviceArrays, best_for_share, edgeci_block  # noqa: F401 (re-exported)
 
 Rect = tuple[int, Interval, Interval]
 
@@ -26,15 +26,6 @@ def fastest(cluster: Cluster, k: int | None = None,
     pool = range(len(cluster)) if among is None else among
     order = sorted(pool, key=lambda d: (-cluster.devices[d].flops_per_s, d))
     return order if k is None else order[:k]
-
-
-def best_for_share(arr: DeviceArrays, n: int, whole: tuple[float, float, float],
-                   k: int) -> list[int]:
-    """The ``k`` devices that would finish an even ``1/k`` share of a block soonest (compute,
-    overhead and link): EdgeCI's device choice per block, so its ablations keep it."""
-    share = np.array([[whole[0] / k, whole[1] / k, whole[2] / k]])
-    order = np.argsort(arr.matrix(range(n), share)[0], kind="stable")
-    return [int(d) for d in order[:k]]
 
 
 def speed_shares(total: int, speeds: Sequence[float]) -> list[int]:
@@ -112,34 +103,3 @@ def stage_blocks(spec: ModelSpec) -> list[tuple[int, int]]:
 
 
 # --- EdgeCI's per-block choice, for its ablations --------------------------------------------
-
-def awas_block(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, i: int, j: int) -> Block:
-    """EdgeCI's choice for the block ``[i, j)``: the coordinator alone or AWAS over the ``k``
-    best devices (``best_for_share``), quick AWAS for every ``k`` worth trying, then full AWAS
-    on the best ``k``; every candidate priced as the plan prices it (``make_block``)."""
-    n = len(cluster)
-    geom = BlockGeom.of(spec, i, j)
-    _, h, w = geom.out_chw
-    whole = geom.tile_work((0, h), (0, w))
-    best = whole_block(spec, cluster, i, j)
-    best_k = 1
-
-    def cost(d: int, rows: Interval, cols: Interval) -> float:
-        return arr.time(d, *geom.tile_work(rows, cols))
-
-    def run(k: int, quick: bool) -> Block:
-        res = awas(h, w, best_for_share(arr, n, whole, k), cost, work=geom.tile_work,
-                   device_model=arr.matrix, quick=quick)
-        return make_block(spec, cluster, i, j, res.rects)
-
-    for k in k_candidates(n, h * w):
-        b = run(k, quick=True)
-        if b.predicted_s < best.predicted_s:
-            best, best_k = b, k
-        elif b.predicted_s > best.predicted_s * 1.25:
-            break  # as edgeci: past the point where more devices pay
-    if best_k > 1:
-        b = run(best_k, quick=False)
-        if b.predicted_s <= best.predicted_s:
-            best = b
-    return best

@@ -7,19 +7,17 @@ scatter of its input region + compute with halo + gather of its output tile.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
 from ..awas import awas
-from ..cost import Cluster, schedule_time, send_order
+from ..cost import Cluster
 from ..dpfl import dpfl
-from ..plan import Plan
+from ..plan import Block, Plan
 from ..units import BlockGeom, ModelSpec
-from .common import finish_plan, make_block
+from .common import finish_plan, make_block, whole_block
 
 
-MAX_REDUNDANCY = 1.5
+MAX_REDUNDANCY = 1.5  # see too_redundant in plan_edgeci
 
 
 def k_candidates(n: int, cells: int) -> list[int]:
@@ -59,46 +57,57 @@ class DeviceArrays:
         return flops * inv_speed + overhead + link
 
 
-def plan_edgeci(spec: ModelSpec, cluster: Cluster) -> Plan:
+def best_for_share(arr: DeviceArrays, n: int, whole: tuple[float, float, float],
+                   k: int) -> list[int]:
+    """The ``k`` devices that would finish an even ``1/k`` share of a block soonest (compute,
+    overhead and link): the devices a block of ``k`` tiles is offered to."""
+    share = np.array([[whole[0] / k, whole[1] / k, whole[2] / k]])
+    order = np.argsort(arr.matrix(range(n), share)[0], kind="stable")
+    return [int(d) for d in order[:k]]
+
+
+def edgeci_block(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, i: int, j: int,
+                 full: bool = True, ks: list[int] | None = None) -> Block:
+    """EdgeCI's choice for block ``[i, j)``: the coordinator alone, or AWAS over the ``k`` best
+    devices for each ``k`` worth trying (quick AWAS), then, if ``full``, the full AWAS on the
+    best ``k``.  Every candidate is priced as the plan prices it (``make_block``: AWAS balances
+    the devices, the price adds the coordinator's shared link)."""
     n = len(cluster)
+    geom = BlockGeom.of(spec, i, j)
+    _, h, w = geom.out_chw
+    whole = geom.tile_work((0, h), (0, w))
+    best, best_k = whole_block(spec, cluster, i, j), 1
+
+    def cost(d: int, rows, cols) -> float:
+        return arr.time(d, *geom.tile_work(rows, cols))
+
+    def run(k: int, quick: bool) -> Block:
+        res = awas(h, w, best_for_share(arr, n, whole, k), cost, work=geom.tile_work,
+                   device_model=arr.matrix, quick=quick)
+        return make_block(spec, cluster, i, j, res.rects)
+
+    for k in (k_candidates(n, h * w) if ks is None else ks):
+        b = run(k, quick=True)
+        if b.predicted_s < best.predicted_s:
+            best, best_k = b, k
+        elif b.predicted_s > best.predicted_s * 1.25:
+            break  # past the point where more devices pay: links and halos dominate
+    if full and best_k > 1:
+        b = run(best_k, quick=False)
+        if b.predicted_s <= best.predicted_s:
+            best = b
+    return best
+
+
+def plan_edgeci(spec: ModelSpec, cluster: Cluster) -> Plan:
     arr = DeviceArrays(cluster)
     speed_total = sum(d.flops_per_s for d in cluster.devices)
-    unit_flops = [u.flops for u in spec.units]
-    prefix = np.concatenate([[0.0], np.cumsum(unit_flops)])
-    choice: dict[tuple[int, int], list] = {}
-    cost_of: dict[tuple[int, int], float] = {}
+    prefix = np.concatenate([[0.0], np.cumsum([u.flops for u in spec.units])])
+    quick: dict[tuple[int, int], Block] = {}
 
-    @lru_cache(maxsize=None)
-    def geom(i: int, j: int) -> BlockGeom:
-        return BlockGeom.of(spec, i, j)
-
-    def block_cost(i: int, j: int, quick: bool = True, ks: list[int] | None = None) -> float:
-        """Best predicted time of block [i, j): coordinator alone, or AWAS on k devices."""
-        g = geom(i, j)
-        _, h, w = g.out_chw
-        whole = g.tile_work((0, h), (0, w))
-        best = arr.time(0, *whole)
-        best_rects = [(0, (0, h), (0, w))]
-        for k in (k_candidates(n, h * w) if ks is None else ks):
-            # The k devices that would finish an even 1/k share soonest.
-            share = np.array([[whole[0] / k, whole[1] / k, whole[2] / k]])
-            order = np.argsort(arr.matrix(range(n), share)[0], kind="stable")
-            devs = [int(d) for d in order[:k]]
-
-            def cost(d: int, rows, cols) -> float:
-                return arr.time(d, *g.tile_work(rows, cols))
-
-            res = awas(h, w, devs, cost, work=g.tile_work, device_model=arr.matrix, quick=quick)
-            # AWAS balances the devices; the block's price adds the coordinator's shared link.
-            items = [(d, *g.tile_work(r, c)) for d, r, c in res.rects]
-            took = schedule_time(cluster, [items[x] for x in send_order(items, cluster)])
-            if took < best:
-                best, best_rects = took, res.rects
-            elif took > best * 1.25:
-                break  # past the point where more devices pay: links and halos dominate
-        choice[(i, j)] = best_rects
-        cost_of[(i, j)] = best
-        return best
+    def block_cost(i: int, j: int) -> float:
+        quick[(i, j)] = edgeci_block(spec, cluster, arr, i, j, full=False)
+        return quick[(i, j)].predicted_s
 
     def lower_bound(i: int, j: int) -> float:
         return float(prefix[j] - prefix[i]) / speed_total
@@ -107,20 +116,21 @@ def plan_edgeci(spec: ModelSpec, cluster: Cluster) -> Plan:
         """A block so deeply fused that a 2-way row split recomputes half of it again saves at
         most a quarter by splitting; fusing further back only grows the halo, so DPFL stops
         extending blocks there."""
-        g = geom(i, j)
+        g = BlockGeom.of(spec, i, j)
         _, h, w = g.out_chw
         if h < 2 or j - i == 1:
             return False
         halves = g.tile_work((0, h // 2), (0, w))[0] + g.tile_work((h // 2, h), (0, w))[0]
         return halves > MAX_REDUNDANCY * g.tile_work((0, h), (0, w))[0]
 
-    _, blocks = dpfl(len(spec.units), block_cost, lower_bound=lower_bound,
+    _, chosen = dpfl(len(spec.units), block_cost, lower_bound=lower_bound,
                      stop_extending=too_redundant)
-    for i, j in blocks:  # full AWAS (every layout, repeated auctions) on the chosen blocks
-        k = len({d for d, _, _ in choice[(i, j)]})
+    blocks = []
+    for i, j in chosen:  # the full AWAS on the chosen blocks, with the k the DP picked
+        b = quick[(i, j)]
+        k = len(b.devices)
         if k > 1:
-            quick_rects, quick_t = choice[(i, j)], cost_of[(i, j)]
-            if block_cost(i, j, quick=False, ks=[k]) > quick_t:
-                choice[(i, j)] = quick_rects
-    built = [make_block(spec, cluster, i, j, choice[(i, j)]) for i, j in blocks]
-    return finish_plan(spec, cluster, "edgeci", built)
+            full = edgeci_block(spec, cluster, arr, i, j, ks=[k])
+            b = full if full.predicted_s <= b.predicted_s else b
+        blocks.append(b)
+    return finish_plan(spec, cluster, "edgeci", blocks)

@@ -16,7 +16,7 @@ from ..cost import Cluster
 from ..dpfl import dpfl
 from ..plan import Block, Plan
 from ..units import BlockGeom, ModelSpec
-from .baseline_common import best_for_share
+from .edgeci import best_for_share
 from .common import finish_plan, make_block, whole_block
 from .edgeci import DeviceArrays, k_candidates
 

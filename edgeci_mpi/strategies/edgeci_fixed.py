@@ -10,12 +10,12 @@ from __future__ import annotations
 from ..cost import Cluster
 from ..plan import Plan
 from ..units import ModelSpec
-from .baseline_common import awas_block, stage_blocks
+from .baseline_common import stage_blocks
 from .common import finish_plan
-from .edgeci import DeviceArrays
+from .edgeci import DeviceArrays, edgeci_block
 
 
 def plan_edgeci_fixed(spec: ModelSpec, cluster: Cluster) -> Plan:
     arr = DeviceArrays(cluster)
-    blocks = [awas_block(spec, cluster, arr, i, j) for i, j in stage_blocks(spec)]
+    blocks = [edgeci_block(spec, cluster, arr, i, j) for i, j in stage_blocks(spec)]
     return finish_plan(spec, cluster, "edgeci-fixed", blocks)
