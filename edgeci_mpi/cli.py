@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         r = sub.add_parser("run", help="distributed inference under mpirun")
         add_model_arguments(r)
         add_run_arguments(r)
+    from .experiments import add_experiment_parsers  # sweep, report
+
+    add_experiment_parsers(sub)
     return ap
 
 
@@ -151,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime.app import run_main
 
         return run_main(args)
+    if args.command in ("sweep", "report"):
+        from .experiments import run_experiment_command
+
+        return run_experiment_command(args)
     return 2
 
 

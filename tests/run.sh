@@ -10,7 +10,7 @@ for n in 2 4; do
     echo "== MPI tests on $n ranks"
     # Only rank 0 prints; the others' output goes to /dev/null (exit codes still count).
     timeout 900 mpiexec -n "$n" bash -c \
-        'if [ "${PMI_RANK:-0}" = 0 ]; then exec python -m pytest -q -p no:cacheprovider --with-mpi --only-mpi tests/; else exec python -m pytest -q -p no:cacheprovider --with-mpi --only-mpi tests/ >/dev/null 2>&1; fi'
+        'if [ "${PMI_RANK:-0}" = 0 ]; then exec python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests/; else exec python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests/ >/dev/null 2>&1; fi'
 done
 echo "== all other tests"
 exec timeout 3600 python -m pytest -q -p no:cacheprovider tests/
