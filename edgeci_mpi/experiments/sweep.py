@@ -898,8 +898,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               f"after the jobs, run `edgeci-mpi sweep {args.file} --results {args.results}` "
               f"to collect the results")
         return 0
-    s = run_sweep(spec, args.results, args.only, not args.skip_failed, args.cell,
-                  not args.no_record)
+    try:
+        s = run_sweep(spec, args.results, args.only, not args.skip_failed, args.cell,
+                      not args.no_record)
+    except KeyboardInterrupt:
+        print(f"\nsweep {spec.name}: interrupted; finished cells are kept in "
+              f"{Path(args.results) / spec.name / 'results.jsonl'}, rerun to continue",
+              file=sys.stderr)
+        return 130
     if args.no_record:
         return 1 if s.failed else 0
     print(f"sweep {spec.name}: {s.ran} cell(s) run now ({s.failed} failed), {s.skipped} skipped, "
