@@ -23,11 +23,8 @@ MAX_REDUNDANCY = 1.5  # see too_redundant in plan_edgeci
 def k_candidates(n: int, cells: int) -> list[int]:
     """Device counts to try for one block: all of them on small clusters, a geometric ladder
     (with the full cluster) on large ones; never more tiles than output pixels."""
-    if n <= 8:
-        ks = list(range(2, n + 1))
-    else:
-        ladder = [2, 4, 8, 16, 32, 64, 128, 256]
-        ks = sorted({k for k in ladder if k < n} | {n})
+    ladder = [16, 32, 64, 128, 256]
+    ks = sorted(set(range(2, min(n, 8) + 1)) | {k for k in ladder if k < n} | {n})
     return [k for k in ks if k <= cells]
 
 
@@ -106,7 +103,10 @@ def plan_edgeci(spec: ModelSpec, cluster: Cluster) -> Plan:
     quick: dict[tuple[int, int], Block] = {}
 
     def block_cost(i: int, j: int) -> float:
-        quick[(i, j)] = edgeci_block(spec, cluster, arr, i, j, full=False)
+        if too_redundant(i, j):  # only the coordinator alone is worth pricing
+            quick[(i, j)] = whole_block(spec, cluster, i, j)
+        else:
+            quick[(i, j)] = edgeci_block(spec, cluster, arr, i, j, full=False)
         return quick[(i, j)].predicted_s
 
     def lower_bound(i: int, j: int) -> float:
@@ -114,8 +114,8 @@ def plan_edgeci(spec: ModelSpec, cluster: Cluster) -> Plan:
 
     def too_redundant(i: int, j: int) -> bool:
         """A block so deeply fused that a 2-way row split recomputes half of it again saves at
-        most a quarter by splitting; fusing further back only grows the halo, so DPFL stops
-        extending blocks there."""
+        most a quarter by splitting (and fusing further back only grows the halo): DPFL
+        prices such blocks on the coordinator alone, where fusing saves per-call overhead."""
         g = BlockGeom.of(spec, i, j)
         _, h, w = g.out_chw
         if h < 2 or j - i == 1:
@@ -123,8 +123,7 @@ def plan_edgeci(spec: ModelSpec, cluster: Cluster) -> Plan:
         halves = g.tile_work((0, h // 2), (0, w))[0] + g.tile_work((h // 2, h), (0, w))[0]
         return halves > MAX_REDUNDANCY * g.tile_work((0, h), (0, w))[0]
 
-    _, chosen = dpfl(len(spec.units), block_cost, lower_bound=lower_bound,
-                     stop_extending=too_redundant)
+    _, chosen = dpfl(len(spec.units), block_cost, lower_bound=lower_bound)
     blocks = []
     for i, j in chosen:  # the full AWAS on the chosen blocks, with the k the DP picked
         b = quick[(i, j)]
