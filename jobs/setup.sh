@@ -12,7 +12,7 @@ fi
 stamp=.venv/.edgeci-installed
 want=$(sha256sum pyproject.toml | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[mpich,test]"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[mpich,test,weights]"
     echo "$want" > "$stamp"
 fi
 .venv/bin/python -c "import torch, torchvision, mpi4py; print('edgeci_mpi setup: torch', torch.__version__, '| torchvision', torchvision.__version__, '| mpi4py', mpi4py.__version__)"

@@ -206,10 +206,16 @@ def test_emulated_cluster_is_labelled(cache_dir, tmp_path):
     assert "EMULATED" in r.out
     rec = record(out)
     assert rec["emulated"] and rec["emulated_ranks"] == [0, 1, 2, 3] and rec["verified"]
-    # Emulated blocks take at least the modelled time (compute is stretched, never shortened).
+    # Emulated blocks take at least each device's modelled time (compute is stretched and links
+    # delayed per device, never shortened).  Emulation gives every worker its own link; the
+    # planner's price also queues transfers on the coordinator's shared link, which emulation
+    # does not reproduce, so the per-device makespan is the bound to check.
     for run in rec["runs"]:
         for b in run["blocks"]:
-            assert b["measured_s"] >= 0.9 * b["predicted_s"] - 1e-3, (run["strategy"], b)
+            per_dev: dict[int, float] = {}
+            for t in b["tiles"]:
+                per_dev[t["device"]] = per_dev.get(t["device"], 0.0) + t["predicted_finish_s"]
+            assert b["measured_s"] >= 0.9 * max(per_dev.values()) - 1e-3, (run["strategy"], b)
 
 
 def test_image_folder_stream(cache_dir, tmp_path):

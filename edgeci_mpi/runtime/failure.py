@@ -108,6 +108,7 @@ def run_guarded(comm, body: Callable[[], int]) -> int:
             raise
         print(error_line(comm.rank, comm.host, describe(e)), file=sys.stderr, flush=True)
         if comm.size > 1:
+            time.sleep(0.3)  # let mpiexec forward the line before MPI_Abort tears the job down
             comm.abort(EXIT_ABORT)
         return EXIT_ABORT
 
