@@ -56,6 +56,19 @@ def pytest_configure(config):
                 config.pluginmanager.unregister(reporter)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Test tensors are small: on a 2-core machine shared with other jobs, torch's intra-op
+    threads mostly spin against each other (geometry tests ran 3-4x slower with 2 threads than
+    with 1 under load).  Subprocess launches set their own threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _with_mpi(session.config):
         from mpi4py import MPI

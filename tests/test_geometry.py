@@ -35,17 +35,6 @@ from edgeci_mpi.units import BlockGeom
 N_CASES = 200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are small: on a 2-core machine shared with other jobs, torch's intra-op
-    threads mostly spin against each other (this file ran 3-4x slower with 2 threads than with
-    1 under load).  Restored afterwards, so other test files keep their setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- hand cases ------------------------------------------------------------------------------
 
 def test_window_input_by_hand():

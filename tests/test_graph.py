@@ -28,17 +28,6 @@ CASES = [(name, chw) for name in (
     for chw in (SMALL, TINY)] + [("resnet34", LARGE), ("vgg16", LARGE)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are small: on a 2-core machine shared with other jobs, torch's intra-op
-    threads mostly spin against each other (this file ran 3-4x slower with 2 threads than with
-    1 under load).  Restored afterwards, so other test files keep their setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def model_of(name: str) -> nn.Module:
     return build_model(name, seed=0)

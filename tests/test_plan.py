@@ -18,17 +18,6 @@ from edgeci_mpi.plan import Block, Plan, Tile
 CHW = (3, 83, 69)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are small: on a 2-core machine shared with other jobs, torch's intra-op
-    threads mostly spin against each other (this file ran 3-4x slower with 2 threads than with
-    1 under load).  Restored afterwards, so other test files keep their setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tile(device, rows, cols, in_rows=None, in_cols=None, **times) -> Tile:
     return Tile(device, rows, cols, in_rows or rows, in_cols or cols, **times)
 
