@@ -30,6 +30,9 @@ def torchvision_names() -> list[str]:
 def build_model(name: str, seed: int = 0, weights: str | None = None) -> nn.Module:
     """The model ``name`` in eval mode, with seeded random weights or the weights file."""
     torch.manual_seed(seed)
+    from .runtime.zoo import ALIASES  # models with real weights shipped by a package
+
+    name = ALIASES.get(name, name)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
