@@ -1,4 +1,7 @@
-"""Command line: ``python -m edgeci_mpi plan | run ...`` (also the ``edgeci-mpi`` script).
+"""One CNN inference across an MPI cluster of edge devices (DPFL fused blocks + AWAS tiles).
+
+Command line: ``python -m edgeci_mpi plan | simulate | run | sweep | report`` (also the
+``edgeci-mpi`` script).
 
 ``plan`` needs no MPI; ``run`` is started on every rank by ``mpirun`` and lives in
 ``edgeci_mpi.runtime``.
