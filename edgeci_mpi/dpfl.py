@@ -8,8 +8,7 @@ unit boundaries, as in the paper:
     T[j] = min over i < j of  T[i] + cost(i, j)        (argmin kept for backtracking)
 
 No recursion, O(n^2) block evaluations.  ``lower_bound(i, j)`` (optional) lets the loop skip a
-candidate whose cost cannot beat the best found for ``T[j]`` without evaluating it, and
-``stop_extending`` (optional) ends the scan over ``i`` for a ``j``.
+candidate whose cost cannot beat the best found for ``T[j]`` without evaluating it.
 """
 from __future__ import annotations
 
@@ -20,14 +19,8 @@ CostFn = Callable[[int, int], float]
 
 
 def dpfl(n: int, block_cost: CostFn, max_len: int | None = None,
-         lower_bound: CostFn | None = None,
-         stop_extending: Callable[[int, int], bool] | None = None
-         ) -> tuple[float, list[tuple[int, int]]]:
-    """Minimal total cost and the blocks ``[(i, j), ...]`` that reach it.
-
-    ``stop_extending(i, j)`` true means no block ending at ``j`` that starts at or before ``i``
-    is worth evaluating (the caller's pruning rule; exact DP when omitted).
-    """
+         lower_bound: CostFn | None = None) -> tuple[float, list[tuple[int, int]]]:
+    """Minimal total cost and the blocks ``[(i, j), ...]`` that reach it."""
     if n == 0:
         return 0.0, []
     total = [0.0] + [math.inf] * n
@@ -36,8 +29,6 @@ def dpfl(n: int, block_cost: CostFn, max_len: int | None = None,
         first = 0 if max_len is None else max(0, j - max_len)
         # Short blocks first: they are cheap and give a good bound for pruning longer ones.
         for i in range(j - 1, first - 1, -1):
-            if stop_extending is not None and i < j - 1 and stop_extending(i, j):
-                break
             if lower_bound is not None and total[i] + lower_bound(i, j) >= total[j]:
                 continue
             t = total[i] + block_cost(i, j)
