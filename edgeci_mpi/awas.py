@@ -353,7 +353,9 @@ def awas(h: int, w: int, devices: Sequence[int], cost: CostFn,
         return np.array([[cost(d, r, c) for d in devices] for r, c in rects])
 
     best: Assignment | None = None
-    options = band_options(h, w, k)
+    # More bands first: on equal makespans row strips win, as NCHW rows are contiguous in
+    # memory (cheaper region copies and convs than column strips).
+    options = band_options(h, w, k)[::-1]
     if quick:
         sq = math.sqrt(k * h / max(w, 1))
         options = [min(options, key=lambda r: abs(math.log(r / sq)))]

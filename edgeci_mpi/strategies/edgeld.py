@@ -5,8 +5,8 @@ EdgeLD fuses the convolutions between two pooling layers into one block and spli
 output into strips sized in proportion to each device's computing capability, then moves the
 split one line at a time from the slowest device's strip to the fastest's while the block's
 time improves.  Here the blocks come from ``baseline_common.stage_cuts``: a block ends right
-after each unit that downsamples by pooling (a strided window op with at most one operation per
-window element and channel) and right before each unit that downsamples by a strided conv (the
+after each unit that downsamples by pooling (its strided window ops are max or avg pools) and
+right before each unit that downsamples by a strided conv (the
 pool's role in pool-free networks such as ResNet); strips are full-width row strips over all
 devices in rank order (the fastest ``h`` if the map has fewer rows), moved one row at a time by
 predicted finish time (compute + links).
