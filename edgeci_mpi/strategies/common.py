@@ -35,14 +35,6 @@ def tile_items(geom: BlockGeom, t: Tile) -> tuple[int, float, float, float]:
     return t.device, t.flops, in_b, out_b
 
 
-def block_time(tiles: list[Tile]) -> float:
-    """Makespan: each device runs its tiles one after another; the slowest device decides."""
-    per_dev: dict[int, float] = {}
-    for t in tiles:
-        per_dev[t.device] = per_dev.get(t.device, 0.0) + t.finish_s
-    return max(per_dev.values(), default=0.0)
-
-
 def block_name(spec: ModelSpec, start: int, stop: int) -> str:
     first, last = spec.units[start].name, spec.units[stop - 1].name
     return first if stop - start == 1 else f"{first} .. {last}"
