@@ -96,25 +96,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def strategy_list(text: str) -> list[str]:
-    from .strategies import STRATEGIES
-
-    names = list(STRATEGIES) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
-    for n in names:
-        if n not in STRATEGIES:
-            raise ValueError(f"unknown strategy {n!r}; choose from {', '.join(STRATEGIES)} or all")
-    return names
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
     from .cluster import load_cluster
     from .simulate import simulate
-    from .strategies import make_plan
+    from .strategies import make_plan, parse_strategies
 
-    names = strategy_list(args.strategy)
+    names = parse_strategies(args.strategy)
     base = load_cluster(args.cluster)
     _, mg = load_model_graph(args.model, args.input, args.seed, args.weights)
     records = []

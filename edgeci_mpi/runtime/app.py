@@ -233,14 +233,12 @@ def check_model_name(name: str) -> None:
 
 
 def parse_strategies(text: str) -> list[str]:
-    from ..strategies import STRATEGIES
+    from ..strategies import parse_strategies as parse
 
-    names = list(STRATEGIES) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in names if s not in STRATEGIES]
-    if bad or not names:
-        raise RunError(f"unknown strategy {', '.join(bad) or repr(text)}; choose from "
-                       f"{', '.join(STRATEGIES)}, a comma list, or 'all'")
-    return names
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise RunError(str(e)) from None
 
 
 def load_cluster_file(name: str, ranks: int) -> Cluster | None:

@@ -33,6 +33,16 @@ STRATEGIES: dict[str, Planner] = {
 }
 
 
+def parse_strategies(text: str) -> list[str]:
+    """``edgeci``, ``a,b,c`` or ``all`` -> strategy names; ``ValueError`` names the bad ones."""
+    names = list(STRATEGIES) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in STRATEGIES]
+    if bad or not names:
+        raise ValueError(f"unknown strategy {', '.join(bad) or repr(text)}; choose from "
+                         f"{', '.join(STRATEGIES)}, a comma list, or 'all'")
+    return names
+
+
 def make_plan(spec: ModelSpec, cluster: Cluster, strategy: str = "edgeci") -> Plan:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
