@@ -62,6 +62,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", metavar="FILE", default=None,
                    help="also run this plan (JSON from `edgeci-mpi plan --json`, made for this "
                         "model, input and number of ranks) after the --strategy plans")
+    p.add_argument("--links", choices=("measured", "ignore"), default="measured",
+                   help="plan with the measured (or emulated) links, or as if every link were "
+                        "free ('ignore': the link-blind baseline; runs still pay the real links)")
     p.add_argument("--inject-failure", default=None, help=argparse.SUPPRESS)
     p.epilog = ("--strategy also takes a comma list or 'all': every plan runs the same images "
                 "in one job, interleaved image by image.  Every rank must see the same files (model factory, weights, "
@@ -158,7 +161,8 @@ def _run(comm, args) -> int:
     cluster = None
     if comm.rank == 0:
         cluster = planning_cluster(setup.cluster, [r.device() for r in reports], comm.size)
-        planned = checked(lambda: [make_plan(mg.spec, cluster, s).to_json(indent=None)
+        seen = cluster if args.links == "measured" else without_links(cluster)
+        planned = checked(lambda: [make_plan(mg.spec, seen, s).to_json(indent=None)
                                    for s in setup.strategies] +
                           ([check_plan_fits(Plan.from_json(setup.plan_json), mg.spec)]
                            if setup.plan_json is not None else []))
@@ -265,6 +269,12 @@ def planning_cluster(file_cluster: Cluster | None, measured: list[Device], ranks
     devs = tuple(f if f.emulated else replace(m, name=f"{f.name}@{m.name}")
                  for f, m in zip(file_cluster.devices, measured))
     return replace(file_cluster, devices=devs)
+
+
+def without_links(cluster: Cluster) -> Cluster:
+    """``cluster`` as a link-blind planner sees it: every link free (``--links ignore``)."""
+    devs = tuple(replace(d, bandwidth_Bps=float("inf"), latency_s=0.0) for d in cluster.devices)
+    return replace(cluster, devices=devs, notes=cluster.notes + ("planned with links ignored",))
 
 
 def load_plan_file(path: str, chw: tuple[int, int, int], ranks: int) -> str:
