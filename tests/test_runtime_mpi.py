@@ -17,7 +17,7 @@ from edgeci_mpi.cost import Cluster, Device
 from edgeci_mpi.geometry import split_even
 from edgeci_mpi.graph import trace
 from edgeci_mpi.plan import Plan
-from edgeci_mpi.runtime.emulate import Emulator
+from edgeci_mpi.runtime.emulate import Emulator, Slowdown
 from edgeci_mpi.runtime.failure import Injection, RunError, describe
 from edgeci_mpi.runtime.images import load_image, load_inputs, preprocess
 from edgeci_mpi.runtime.profile import fit_line
@@ -85,21 +85,70 @@ def test_fit_line_recovers_a_and_b():
 def test_emulator_stretches_to_the_model_and_never_speeds_up():
     dev = Device("slow", flops_per_s=1e9, overhead_s=0.0, bandwidth_Bps=1e6, latency_s=0.01,
                  emulated=True)
-    emu = Emulator(dev, coordinator=False)
+    emu = Emulator(Cluster("c", (dev, dev)), rank=1)
     t0 = time.perf_counter()
     emu.stretch_compute(2e7, measured_s=0.005)  # model says 20 ms, 5 ms already spent
     assert 0.014 <= time.perf_counter() - t0 < 0.03
     t0 = time.perf_counter()
     emu.stretch_compute(1e6, measured_s=0.005)  # model faster than reality: no sleep
     assert time.perf_counter() - t0 < 0.002
+    assert not Emulator(Cluster("r", (Device("real", 1e9),) * 2), rank=1).active
+    assert not Emulator(None, rank=0).active
+    slow = Emulator(None, rank=2, slowdown=Slowdown(2, 3, 4.0))
     t0 = time.perf_counter()
-    emu.link(10_000)  # 10 ms latency + 10 ms transfer
-    assert 0.019 <= time.perf_counter() - t0 < 0.035
-    assert not Emulator(Device("real", 1e9), coordinator=False).active
-    coord = Emulator(dev, coordinator=True)
-    t0 = time.perf_counter()
-    coord.link(10_000)  # the coordinator has no link to itself
+    slow.stretch_compute(1e6, measured_s=0.004, image=2)  # before image 3: full speed
     assert time.perf_counter() - t0 < 0.002
+    t0 = time.perf_counter()
+    slow.stretch_compute(1e6, measured_s=0.004, image=3)  # from image 3: 4x as long
+    assert 0.011 <= time.perf_counter() - t0 < 0.025
+
+
+def test_slowdown_parse():
+    assert Slowdown.parse("1:4:5") == Slowdown(1, 4, 5.0)
+    for bad in ("1:4", "a:b:c", "1:2:0.5", "-1:0:2"):
+        with pytest.raises(RunError, match="inject-slowdown"):
+            Slowdown.parse(bad)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_emulated_links_replay_the_shared_link_schedule(seed: int):
+    """Scatter offsets + the gather replay give cost.schedule_time when every device computes
+    exactly its modelled time: emulation and simulator price the same link."""
+    import random
+
+    from edgeci_mpi.cost import schedule_time
+    from edgeci_mpi.plan import Block, Tile
+
+    rng = random.Random(seed)
+    n = rng.randint(2, 5)
+    devs = tuple(Device(f"d{i}", flops_per_s=rng.uniform(0.5e9, 4e9), overhead_s=1e-3,
+                        bandwidth_Bps=rng.uniform(2e6, 2e7), latency_s=rng.uniform(0, 3e-3),
+                        emulated=True) for i in range(n))
+    cluster = Cluster("rand", devs)
+    tiles, rows = [], 0
+    for k in range(rng.randint(2, 7)):
+        h = rng.randint(1, 6)
+        tiles.append(Tile(device=rng.randrange(n), out_rows=(rows, rows + h), out_cols=(0, 8),
+                          in_rows=(max(0, rows - 1), rows + h + 1), in_cols=(0, 8),
+                          flops=rng.uniform(1e6, 5e7)))
+        rows += h
+    block = Block(name="b", start=0, stop=1, in_chw=(16, rows, 8), out_chw=(32, rows, 8),
+                  tiles=tiles)
+    emu = Emulator(cluster, rank=0)
+    offsets = emu.scatter_offsets(block)
+    # replay: each device computes its tiles in plan order, each once its input is in
+    free: dict[int, float] = {}
+    ends = {}
+    for ti, t in enumerate(tiles):
+        arrive = offsets.get(ti, 0.0)
+        free[t.device] = max(arrive, free.get(t.device, 0.0)) + devs[t.device].compute_time(t.flops)
+        ends[ti] = free[t.device]
+    finish = max([emu.gather_finish(block, 0.0, {ti: e for ti, e in ends.items()
+                                                 if tiles[ti].device != 0})] +
+                 [e for ti, e in ends.items() if tiles[ti].device == 0])
+    items = [(t.device, t.flops, 4 * 16 * (t.in_rows[1] - t.in_rows[0]) * 8,
+              4 * 32 * (t.out_rows[1] - t.out_rows[0]) * 8) for t in tiles]
+    assert finish == pytest.approx(schedule_time(cluster, items), rel=1e-9)
 
 
 def test_images_file_folder_random(tmp_path: Path):
@@ -111,11 +160,14 @@ def test_images_file_folder_random(tmp_path: Path):
     x = load_image(tmp_path / "a.png", (3, 32, 40))
     assert x.shape == (1, 3, 32, 40) and x.dtype == torch.float32
     assert x[0, 0].mean().item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-3)
-    xs, labels = load_inputs((3, 16, 16), None, str(tmp_path), None, 0)
-    assert len(xs) == 2 and [Path(p).name for p in labels] == ["a.png", "b.jpg"]
-    r1, _ = load_inputs((3, 8, 8), None, None, 3, seed=1)
-    r2, _ = load_inputs((3, 8, 8), None, None, 3, seed=1)
-    assert len(r1) == 3 and all(torch.equal(a, b) for a, b in zip(r1, r2))
+    stream = load_inputs((3, 16, 16), None, str(tmp_path), None, 0)
+    assert len(stream) == 2 and [Path(p).name for p in stream.labels] == ["a.png", "b.jpg"]
+    assert torch.equal(stream.image(0), load_image(tmp_path / "a.png", (3, 16, 16)))
+    r1 = list(load_inputs((3, 8, 8), None, None, 3, seed=1))
+    r2 = load_inputs((3, 8, 8), None, None, 3, seed=1)
+    assert len(r1) == 3 and all(torch.equal(a, r2.image(i)) for i, a in enumerate(r1))
+    assert not torch.equal(r1[0], r1[1])
+    assert torch.equal(r2.image(2), load_inputs((3, 8, 8), None, None, 5, seed=1).image(2))
     assert preprocess(Image.new("RGB", (10, 10)), (1, 8, 8)).shape == (1, 1, 8, 8)
 
 
@@ -219,7 +271,7 @@ def test_scatter_gather_equals_in_process_executor(comm, model_name):
     mg = trace(m, chw, model_name)
     plan = comm.bcast(tiled_plan(mg, comm.size).to_json() if comm.rank == 0 else None, "plan")
     plan = Plan.from_json(plan)
-    runner = PlanRunner(comm, mg, plan, Emulator(None, comm.rank == 0))
+    runner = PlanRunner(comm, mg, plan, Emulator(None, comm.rank))
     if comm.rank == 0:
         g = torch.Generator().manual_seed(3)
         xs = [torch.randn(1, *chw, generator=g) for _ in range(3)]
@@ -231,6 +283,8 @@ def test_scatter_gather_equals_in_process_executor(comm, model_name):
             with torch.no_grad():
                 assert torch.allclose(got.logits, m(x), atol=1e-4)
             assert len(got.blocks_s) == len(plan.blocks)
+            every = {(bi, ti) for bi, b in enumerate(plan.blocks) for ti in range(len(b.tiles))}
+            assert set(got.tile_s) == every and all(s > 0 for s in got.tile_s.values())
         runner.stop()
     else:
         runner.serve()
@@ -240,7 +294,9 @@ def test_scatter_gather_equals_in_process_executor(comm, model_name):
         used = {t.device for b in plan.blocks for t in b.tiles}
         assert used == set(range(comm.size))
         for r, tt in enumerate(times):
-            assert tt.rank == r and all(len(v) == 3 for v in tt.compute_s.values())
+            assert all(len(v) == 3 for v in tt.values())
+            assert set(tt) == {(bi, ti) for bi, b in enumerate(plan.blocks)
+                               for ti, t in enumerate(b.tiles) if t.device == r}
 
 
 @pytest.mark.mpi(min_size=2)

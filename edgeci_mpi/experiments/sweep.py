@@ -388,7 +388,8 @@ def run_arguments(spec: SweepSpec, cell: Cell, cluster_file: Path, out_json: Pat
     args = ["-m", "edgeci_mpi", "run", "--model", cell.model, "--input", cell.input,
             "--cluster", str(cluster_file), "--strategy", ",".join(spec.run_strategies),
             "--images", str(spec.images), "--warmup", str(spec.warmup),
-            "--seed", str(spec.seed), "--json", str(out_json)]
+            "--seed", str(spec.seed), "--json", str(out_json),
+            "--no-adapt"]  # each strategy's own plan, measured as planned
     if spec.threads:
         args += ["--threads", str(spec.threads)]
     return args

@@ -65,7 +65,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--links", choices=("measured", "ignore"), default="measured",
                    help="plan with the measured (or emulated) links, or as if every link were "
                         "free ('ignore': the link-blind baseline; runs still pay the real links)")
+    p.add_argument("--results", metavar="FILE", default=None,
+                   help="append each finished image's results to FILE (JSON lines) as it lands")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stream in --results FILE: images already there are skipped")
+    p.add_argument("--no-adapt", dest="adapt", action="store_false",
+                   help="keep the first plans even if a device changes speed mid-stream "
+                        "(default: notice stragglers from measured tile times and re-plan)")
     p.add_argument("--inject-failure", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--inject-slowdown", default=None, help=argparse.SUPPRESS)
     p.epilog = ("--strategy also takes a comma list or 'all': every plan runs the same images "
                 "in one job, interleaved image by image.  Every rank must see the same files (model factory, weights, "
                 "cluster file); images are read on rank 0 only.")
@@ -117,17 +125,18 @@ def _run(comm, args) -> int:
     from ..models import build_model, weights_checksum
     from ..graph import trace
     from ..strategies import make_plan
-    from .emulate import Emulator
+    from .adapt import Adapter
+    from .emulate import Emulator, Slowdown
     from .engine import PlanRunner, serve, stop_workers
     from .profile import gather_reports, host_cores
-    from .results import RunRecord, summarise, verify_outputs, write_json
+    from .results import RunRecord, summarise, write_json
 
     t_job = time.perf_counter()
     # 1. validate (rank 0), agree, broadcast
-    images: list[torch.Tensor] = []
+    stream = log = None
     outcome = checked(lambda: _validate(args, comm.size)) if comm.rank == 0 else Outcome()
     if comm.rank == 0 and outcome.error is None:
-        (setup, images) = outcome.value  # type: ignore[misc]
+        (setup, stream, log) = outcome.value  # type: ignore[misc]
         outcome = Outcome(value=setup)
     agree(comm, outcome, "rank 0 to check the arguments")
     setup: Setup = comm.bcast(outcome.value, "the validated arguments")
@@ -158,7 +167,7 @@ def _run(comm, args) -> int:
 
     # 4. plan on rank 0, broadcast as JSON
     planned = Outcome()
-    cluster = None
+    cluster = seen = None
     if comm.rank == 0:
         cluster = planning_cluster(setup.cluster, [r.device() for r in reports], comm.size)
         seen = cluster if args.links == "measured" else without_links(cluster)
@@ -169,49 +178,82 @@ def _run(comm, args) -> int:
     agree(comm, planned, "rank 0 to plan")
     plans_json, cluster = comm.bcast((planned.value, cluster), "the plans")
     plans = [Plan.from_json(j) for j in plans_json]
-    emulator = Emulator(cluster.devices[comm.rank], coordinator=comm.rank == 0)
+    emulator = Emulator(cluster, comm.rank, Slowdown.parse(args.inject_slowdown))
 
     # 5. run the plans over the image stream, interleaved image by image (paired timings)
     executor = Executor(mg)
     runners = [PlanRunner(comm, mg, plan, emulator, executor, injection, k)
                for k, plan in enumerate(plans)]
-    results: list[list] = [[] for _ in plans]
-    refs: list[torch.Tensor] = []
-    ref_s: list[float] = []
-    if comm.rank == 0:
-        for runner in runners:
-            for _ in range(max(0, args.warmup)):
-                runner.run_image(images[0], -1)
-        if args.verify and args.warmup:
-            verify_outputs(model, images[:1])
-        for i, x in enumerate(images):
-            for k, runner in enumerate(runners):
-                results[k].append(runner.run_image(x, i))
-            if args.verify:  # the single-device reference, timed under the same conditions
-                t0 = time.perf_counter()
-                refs.extend(verify_outputs(model, [x]))
-                ref_s.append(time.perf_counter() - t0)
-        stop_workers(comm)
-    else:
+    if comm.rank != 0:
         serve(comm, runners)
-    tile_times = [comm.gather(r.tile_times(), "per-tile timings") for r in runners]
+        return comm.bcast(None, "rank 0's report")
 
-    # 6. verify, report; everyone leaves with rank 0's exit code
-    code = 0
-    if comm.rank == 0:
-        record = RunRecord(args=vars(args), setup=setup, ranks=comm.size, threads=threads,
-                           reports=reports, cluster=cluster, checksum=sums[0][1],
-                           build_s=build_s, profile_s=profile_s)
-        record.reference_s = ref_s
-        for plan, res, times in zip(plans, results, tile_times):
-            record.add_run(plan, res, times, refs if args.verify else None, VERIFY_RTOL)
-        record.total_s = time.perf_counter() - t_job
-        print(summarise(record), flush=True)
-        if args.json:
-            write_json(record, args.json)
-        if args.verify and not record.verified:
-            code = EXIT_VERIFY
+    # 6. (rank 0) stream, verify, report; everyone leaves with rank 0's exit code
+    record = RunRecord(args=vars(args), setup=setup, ranks=comm.size, threads=threads,
+                       reports=reports, cluster=cluster, checksum=sums[0][1],
+                       build_s=build_s, profile_s=profile_s)
+    adapters = [Adapter(seen) if args.adapt and k < len(setup.strategies) else None
+                for k in range(len(runners))]
+    try:
+        stream_images(runners, adapters, stream, model if args.verify else None, record,
+                      log, args.warmup, lambda c, k: make_plan(mg.spec, c, setup.strategies[k]))
+    finally:
+        if log is not None:
+            log.close()
+    stop_workers(comm)
+    record.total_s = time.perf_counter() - t_job
+    print(summarise(record), flush=True)
+    if args.json:
+        write_json(record, args.json)
+    code = EXIT_VERIFY if args.verify and not record.verified else 0
     return comm.bcast(code, "rank 0's report")
+
+
+def stream_images(runners, adapters, stream, model, record, log, warmup: int, replan) -> None:
+    """Rank 0's loop: each pending image through every plan (then ``model(x)`` when
+    verifying), results logged as they land, stragglers re-planned between images."""
+    from .results import RunLog, compare, top5, imagenet_classes
+
+    names = imagenet_classes() if record.setup.pretrained else None
+    pending = [i for i in range(len(stream)) if log is None or i not in log.done]
+    runs = [RunLog(r.plan) for r in runners]
+    if pending:
+        first = stream.image(pending[0])
+        for runner in runners:
+            for _ in range(max(0, warmup)):
+                runner.run_image(first, -1)
+        if model is not None and warmup:
+            with torch.no_grad():
+                model(first)
+    for i in pending:
+        x = stream.image(i)
+        done = [runner.run_image(x, i) for runner in runners]
+        ref = None
+        if model is not None:  # the single-device reference, timed under the same conditions
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                ref = model(x)
+            record.reference_s.append(time.perf_counter() - t0)
+        for runner, run, res, adapter in zip(runners, runs, done, adapters):
+            if ref is not None:
+                res.check = compare(res.logits, ref, VERIFY_RTOL)
+            if names:
+                res.top5 = top5(res.logits, names)
+            res.logits = None
+            run.add(res, runner.plan)
+            if adapter is not None:
+                changes = adapter.observe(runner.plan, res.tile_s, res.total_s)
+                if changes:
+                    t0 = time.perf_counter()
+                    plan = replan(adapter.cluster, runner.index)
+                    runner.replan(plan)
+                    run.replanned(i, changes, time.perf_counter() - t0, plan)
+        if log is not None:
+            log.append(i, stream.labels[i], runs, done, record.reference_s[-1] if ref is not None
+                       else None)
+    record.image_indices = pending
+    for run in runs:
+        record.add_run(run, model is not None, VERIFY_RTOL)
 
 
 # --- phase 1: validation ------------------------------------------------------------------------
@@ -304,9 +346,12 @@ def check_plan_fits(plan: Plan, spec) -> str:
     return plan.to_json(indent=None)
 
 
-def _validate(args, ranks: int) -> tuple[Setup, list[torch.Tensor]]:
+def _validate(args, ranks: int):
+    """(Setup, ImageStream, ResultsFile or None), or a RunError for the user."""
     from ..models import default_input, parse_input
+    from .emulate import Slowdown
     from .images import load_inputs
+    from .results import ResultsFile
 
     model = resolve_model(args.model)
     chw = parse_input(args.input) if args.input else default_input(args.model)
@@ -320,11 +365,27 @@ def _validate(args, ranks: int) -> tuple[Setup, list[torch.Tensor]]:
         if v is not None and v < lo:
             raise RunError(f"{flag} must be >= {lo}, got {v}")
     Injection.parse(args.inject_failure)
-    images, labels = load_inputs(chw, args.image, args.image_dir, args.images, args.seed)
+    Slowdown.parse(args.inject_slowdown)
+    stream = load_inputs(chw, args.image, args.image_dir, args.images, args.seed)
+    labels = stream.labels
     plan_json = load_plan_file(args.plan, chw, ranks) if args.plan else None
     pretrained = bool(args.weights) or model in PRETRAINED
-    return Setup(model, args.model, chw, strategies, cluster, pretrained, labels,
-                 plan_json), images
+    setup = Setup(model, args.model, chw, strategies, cluster, pretrained, labels, plan_json)
+    if args.resume and not args.results:
+        raise RunError("--resume needs --results FILE (the stream's results to continue)")
+    log = ResultsFile.open(args.results, _results_header(args, setup), args.resume) \
+        if args.results else None
+    return setup, stream, log
+
+
+def _results_header(args, setup: Setup) -> dict:
+    """What must match for ``--resume`` to continue a results file."""
+    import hashlib
+
+    labels = hashlib.sha256("\n".join(setup.image_labels).encode()).hexdigest()[:16]
+    return {"model": setup.label, "input": list(setup.chw), "strategies": setup.strategies,
+            "plan_file": args.plan, "seed": args.seed, "weights": args.weights,
+            "cluster": args.cluster, "images": len(setup.image_labels), "labels_sha256": labels}
 
 
 def _build(setup: Setup, args, build_model, trace):

@@ -33,7 +33,8 @@ except ImportError as e:  # pragma: no cover - mpi4py is a hard dependency
 
 # Tags on the data communicator: 0 is the ping-pong of the capability probe, tile messages use
 # ``tile_tag`` (>= 1).  Control tags on the world communicator:
-TAG_CMD = 11      # rank 0 -> workers: ("image", i) or ("stop",)
+TAG_CMD = 11      # rank 0 -> workers: ("image", plan, i), ("plan", k, json) or ("stop",)
+TAG_TIMES = 14    # workers -> rank 0: per-tile compute seconds of one image (12, 13: profile)
 TAG_PROBE = 0
 
 #: Default watchdog for any single wait (seconds); ``--watchdog`` overrides it.
@@ -60,6 +61,7 @@ class Comm:
     def __init__(self, comm: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.world = comm if comm is not None else MPI.COMM_WORLD
         self.data = self.world.Dup()  # tiles never mix with control messages
+        self.side = self.world.Dup()  # emulation's time stamps, tagged like the tiles
         self.rank = self.world.Get_rank()
         self.size = self.world.Get_size()
         self.host = socket.gethostname()
@@ -148,6 +150,20 @@ class Comm:
         """Non-blocking receive straight into the preallocated float32 tensor ``t``."""
         return self.data.Irecv([_buffer(t), MPI.FLOAT], source=source, tag=tag)
 
+    def isend_stamp(self, a: np.ndarray, dest: int, tag: int) -> Any:
+        """A float64 time stamp beside tile ``tag`` (emulated links only); keep ``a`` alive."""
+        return self.side.Isend([a, MPI.DOUBLE], dest=dest, tag=tag)
+
+    def irecv_stamp(self, a: np.ndarray, source: int, tag: int) -> Any:
+        return self.side.Irecv([a, MPI.DOUBLE], source=source, tag=tag)
+
+    # --- per-image timings (small, pickled) ---------------------------------------------------
+    def send_times(self, obj: Any) -> Any:
+        return self.world.isend(obj, dest=0, tag=TAG_TIMES)
+
+    def irecv_times(self, source: int) -> Any:
+        return self.world.irecv(source=source, tag=TAG_TIMES)
+
     # --- raw bytes for the link probe -------------------------------------------------------
     def send_bytes(self, a: np.ndarray, dest: int) -> None:
         self.wait(self.data.Isend([a, MPI.BYTE], dest=dest, tag=TAG_PROBE), "ping-pong send")
@@ -157,6 +173,7 @@ class Comm:
 
     def free(self) -> None:
         self.data.Free()
+        self.side.Free()
         self.host_comm.Free()
 
 

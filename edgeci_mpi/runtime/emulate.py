@@ -1,46 +1,142 @@
-"""Emulated devices, honestly labelled (issue 3, item 3).
+"""Emulated devices, honestly labelled (issue 3, item 3), and the test hook for stragglers.
 
 To study a heterogeneous cluster on one machine, a cluster file marks devices ``emulate =
 true``; rank r then *behaves like* device r of the file:
 
-* compute is stretched: after a tile is computed in ``t`` seconds, the rank sleeps
+* **compute is stretched**: after a tile is computed in ``t`` seconds, the rank sleeps
   ``device.compute_time(flops) - t`` if the modelled device is slower than this machine (it
   never speeds anything up; if the model is faster than reality the real time stands);
-* its link to the coordinator is delayed: a worker sleeps ``device.link_time(bytes)`` after an
-  input region arrives and before its output tile leaves (the real shared-memory transfer,
-  well under a millisecond per MiB here, is not subtracted).
+* **links are delayed the way the coordinator's one link would delay them** - the same
+  shared-link schedule the planners and the simulator price (``cost.schedule_time``):
 
-Tiles of one device run one after another, so an emulated block takes, per device, the sum
-of its tiles' ``send + compute + recv``: exactly what the cost model predicts, which is what
-makes predicted-vs-measured tables on emulated clusters meaningful.  The coordinator has no
-link to itself, so only its compute is stretched.  Every run that emulates says so
-("EMULATED") in its summary and JSON record.
+  - *scatter*: rank 0 sends a block's input regions one behind another in plan order, so the
+    input of the k-th remote tile arrives ``sum(link_time(in_j) for j <= k)`` after the block
+    starts.  Rank 0 stamps the block's start time next to each region; the worker sleeps until
+    ``start + that sum`` before computing the tile;
+  - *gather*: finished output tiles queue for the link in the order they finish.  The worker
+    stamps each output with the time its compute ended; once all are in, rank 0 replays the
+    queue (link free after the scatter, then ``link = max(link, end) + link_time(out)`` in
+    order of ``end``) and sleeps until the last output would have arrived.
+
+  Stamps are ``time.perf_counter()`` values, i.e. CLOCK_MONOTONIC, which every process on one
+  Linux machine shares - emulation is a one-machine tool by design (a real multi-host cluster
+  has real links: see ``edgeci_mpi.netcluster``).  Stamps travel as one float64 on a side
+  communicator, only when a block has emulated remote tiles.
+
+Real transfer times on one host (shared memory, well under a millisecond per MiB) are not
+subtracted.  Every run that emulates says so ("EMULATED") in its summary and JSON record.
+
+:class:`Slowdown` (``--inject-slowdown RANK:IMAGE:FACTOR``) makes one rank FACTOR times slower
+from image IMAGE on: the straggler tests and ``jobs/bench_straggler.py`` use it.
 """
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
 
-from ..cost import Device
+from ..cost import Cluster, Device
+from ..plan import Block
+from .failure import RunError
 
 
 class Emulator:
-    """No-op unless ``device`` is an emulated device."""
+    """Compute stretching for this rank and the shared-link schedule for every block.
 
-    def __init__(self, device: Device | None, coordinator: bool):
-        self.device = device if device is not None and device.emulated else None
-        self.coordinator = coordinator
+    ``cluster`` is the run's cluster (device r = rank r); a rank whose device is not emulated
+    computes at its own speed, and links to non-emulated devices are real, not delayed.
+    """
+
+    def __init__(self, cluster: Cluster | None, rank: int, slowdown: "Slowdown | None" = None):
+        devices = cluster.devices if cluster is not None else ()
+        self.devices: tuple[Device, ...] = tuple(devices)
+        dev = devices[rank] if rank < len(devices) else None
+        self.device = dev if dev is not None and dev.emulated else None
+        self.rank = rank
+        self.slowdown = slowdown
 
     @property
     def active(self) -> bool:
         return self.device is not None
 
-    def stretch_compute(self, flops: float, measured_s: float) -> None:
-        if self.device is not None:
-            _sleep(self.device.compute_time(flops) - measured_s)
+    def emulates_link(self, device: int) -> bool:
+        return device != 0 and device < len(self.devices) and self.devices[device].emulated
 
-    def link(self, nbytes: int) -> None:
-        if self.device is not None and not self.coordinator:
-            _sleep(self.device.link_time(nbytes))
+    def link_time(self, device: int, nbytes: int) -> float:
+        return self.devices[device].link_time(nbytes) if self.emulates_link(device) else 0.0
+
+    def block_links(self, block: Block) -> bool:
+        """Does this block need stamps (an emulated device holds one of its remote tiles)?"""
+        return any(self.emulates_link(t.device) for t in block.tiles)
+
+    def stretch_compute(self, flops: float, measured_s: float, image: int = -1) -> None:
+        """Sleep so that a tile computed in ``measured_s`` takes the modelled time (and the
+        injected slowdown, if this rank is the straggler at this image)."""
+        target = self.device.compute_time(flops) if self.device is not None else 0.0
+        target = max(target, measured_s)
+        if self.slowdown is not None:
+            target *= self.slowdown.factor_at(self.rank, image)
+        _sleep(target - measured_s)
+
+    # --- the shared link ----------------------------------------------------------------------
+    def scatter_offsets(self, block: Block) -> dict[int, float]:
+        """Tile index -> seconds after the block's start at which its input has arrived over
+        the coordinator's link (remote tiles, plan order, one behind another)."""
+        link, out = 0.0, {}
+        c = block.in_chw[0]
+        for ti, t in enumerate(block.tiles):
+            if t.device == 0:
+                continue
+            link += self.link_time(t.device, 4 * c * t.in_hw[0] * t.in_hw[1])
+            out[ti] = link
+        return out
+
+    def gather_finish(self, block: Block, start: float, ends: dict[int, float]) -> float:
+        """When the last output of ``block`` would be in, given each remote tile's compute end
+        (``ends``, perf_counter stamps) and the block's start: the gather queue replayed."""
+        offsets = self.scatter_offsets(block)
+        link = start + max(offsets.values(), default=0.0)
+        finish = start
+        c = block.out_chw[0]
+        for end, ti in sorted((e, ti) for ti, e in ends.items()):
+            t = block.tiles[ti]
+            if self.emulates_link(t.device):
+                link = max(link, end) + self.link_time(t.device, 4 * c * t.out_hw[0] * t.out_hw[1])
+                finish = max(finish, link)
+            else:
+                finish = max(finish, end)
+        return finish
+
+
+@dataclass(frozen=True)
+class Slowdown:
+    """``--inject-slowdown RANK:IMAGE:FACTOR`` (or env ``EDGECI_INJECT_SLOWDOWN``): rank RANK's
+    tiles take FACTOR times as long from stream image IMAGE on (0-based; warm-up excluded)."""
+
+    rank: int
+    image: int
+    factor: float
+
+    @staticmethod
+    def parse(text: str | None) -> "Slowdown | None":
+        text = text or os.environ.get("EDGECI_INJECT_SLOWDOWN")
+        if not text:
+            return None
+        try:
+            r, i, f = text.split(":")
+            s = Slowdown(int(r), int(i), float(f))
+        except ValueError:
+            raise RunError(f"bad --inject-slowdown {text!r}: expected RANK:IMAGE:FACTOR") from None
+        if s.rank < 0 or s.image < 0 or not s.factor >= 1.0:
+            raise RunError(f"bad --inject-slowdown {text!r}: RANK, IMAGE >= 0 and FACTOR >= 1")
+        return s
+
+    def factor_at(self, rank: int, image: int) -> float:
+        return self.factor if rank == self.rank and image >= self.image else 1.0
+
+
+def sleep_until(t: float) -> None:
+    _sleep(t - time.perf_counter())
 
 
 def _sleep(seconds: float) -> None:

@@ -14,7 +14,9 @@ Two kinds of failure, two paths:
   with MPICH 5).  MPICH adds its own ``Abort(1) on node R ...`` line after ours.
 
 A rank killed by a signal (SIGKILL) cannot say anything; MPICH's ``mpiexec`` then tears the
-job down itself (measured: under a second, exit code 9).  A rank that merely *exits* without
+job down itself (measured: under a second, exit code 9) and prints a block naming the PID.
+``edgeci-mpi launch`` turns that into one line naming the rank, from the ``rank pid host``
+table that :func:`announce` writes.  A rank that merely *exits* without
 aborting would leave the others waiting, which is why nothing here calls ``sys.exit`` on one
 rank alone.
 """
@@ -97,8 +99,22 @@ def agree(comm, outcome: Outcome, what: str) -> object:
     return outcome.value
 
 
+def announce(comm) -> None:
+    """Append ``rank pid host`` to ``$EDGECI_RANK_TABLE`` when ``edgeci-mpi launch`` set it,
+    so the launcher can name a rank that a signal killed (mpiexec names only its PID)."""
+    path = os.environ.get("EDGECI_RANK_TABLE")
+    if not path:
+        return
+    try:
+        with open(path, "a") as f:
+            f.write(f"{comm.rank} {os.getpid()} {comm.host}\n")
+    except OSError:  # a remote host without the launcher's file system: nothing to name by
+        pass
+
+
 def run_guarded(comm, body: Callable[[], int]) -> int:
     """Run one rank's whole job; any unexpected exception aborts every rank."""
+    announce(comm)
     try:
         return body()
     except JobFailed as e:

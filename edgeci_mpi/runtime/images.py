@@ -3,8 +3,12 @@
 Files are decoded with PIL (PNG, JPEG, ...), converted to RGB (or L for one-channel models),
 resized so the shorter side is ``size / 0.875`` and centre-cropped to the model's input, then
 normalised with the ImageNet mean and standard deviation: torchvision's usual evaluation
-transform, done by hand so no transform object has to agree across versions.  All images are
-loaded on rank 0 before any tile moves, so a bad file is reported before the run starts.
+transform, done by hand so no transform object has to agree across versions.
+
+An :class:`ImageStream` hands images out one at a time, so a stream of thousands keeps one in
+memory.  Files are all decoded once on rank 0 before any tile moves (so a bad file is reported
+before the run starts) and decoded again when their turn comes; random image ``i`` comes from
+its own seed, so a resumed stream can start anywhere and get the same images.
 """
 from __future__ import annotations
 
@@ -68,20 +72,40 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def random_images(n: int, chw: tuple[int, int, int], seed: int) -> list[torch.Tensor]:
-    if n < 1:
-        raise RunError(f"--images must be at least 1, got {n}")
-    g = torch.Generator().manual_seed(10_000 + seed)
-    return [torch.randn(1, *chw, generator=g) for _ in range(n)]
+def random_image(i: int, chw: tuple[int, int, int], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(10_000 + 1_000_003 * seed + i)
+    return torch.randn(1, *chw, generator=g)
+
+
+class ImageStream:
+    """The run's images, by index: ``len``, ``labels`` and ``image(i)``."""
+
+    def __init__(self, chw: tuple[int, int, int], labels: list[str],
+                 files: list[Path] | None, seed: int):
+        self.chw, self.labels, self.files, self.seed = chw, labels, files, seed
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> torch.Tensor:
+        if self.files is not None:
+            return load_image(self.files[i], self.chw)
+        return random_image(i, self.chw, self.seed)
+
+    def __iter__(self):
+        return (self.image(i) for i in range(len(self)))
 
 
 def load_inputs(chw: tuple[int, int, int], image: str | None, image_dir: str | None,
-                n_random: int | None, seed: int) -> tuple[list[torch.Tensor], list[str]]:
-    """(tensors, labels) for whichever input option was given (default: one random image)."""
-    if image:
-        return [load_image(image, chw)], [str(image)]
-    if image_dir:
-        files = image_files(image_dir)
-        return [load_image(f, chw) for f in files], [str(f) for f in files]
+                n_random: int | None, seed: int) -> ImageStream:
+    """The stream for whichever input option was given (default: one random image); every
+    file is decoded once here, so a bad one is refused now."""
+    if image or image_dir:
+        files = [Path(image)] if image else image_files(image_dir)
+        for f in files:
+            load_image(f, chw)
+        return ImageStream(chw, [str(f) for f in files], files, seed)
     n = 1 if n_random is None else n_random
-    return random_images(n, chw, seed), [f"random#{i}" for i in range(n)]
+    if n < 1:
+        raise RunError(f"--images must be at least 1, got {n}")
+    return ImageStream(chw, [f"random#{i}" for i in range(n)], None, seed)

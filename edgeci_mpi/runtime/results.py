@@ -9,8 +9,9 @@ emulated devices say "EMULATED" in both the summary and the record.
 from __future__ import annotations
 
 import json
-import statistics
 import math
+import os
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,12 +19,7 @@ import torch
 
 from ..cost import Cluster
 from ..plan import Plan
-
-
-def verify_outputs(model: torch.nn.Module, images: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The single-device reference: ``model(x)`` for every image."""
-    with torch.no_grad():
-        return [model(x) for x in images]
+from .failure import RunError
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor, rtol: float) -> dict:
@@ -64,6 +60,7 @@ class RunRecord:
     runs: list[dict] = field(default_factory=list)
     total_s: float = 0.0
     reference_s: list[float] = field(default_factory=list)  # model(x) on rank 0, per image
+    image_indices: list[int] = field(default_factory=list)  # stream images run by this job
 
     @property
     def emulated(self) -> list[int]:
@@ -73,16 +70,22 @@ class RunRecord:
     def verified(self) -> bool:
         return all(run["verify"] is not None and run["verify"]["ok"] for run in self.runs)
 
-    def add_run(self, plan: Plan, results, tile_times, refs, rtol: float) -> None:
+    def labels(self) -> list[str]:
+        """Labels of the images this job ran, in order."""
+        return [self.setup.image_labels[i] for i in self.image_indices]
+
+    def add_run(self, run: "RunLog", verified: bool, rtol: float) -> None:
+        results, plan = run.results, run.plan
         n = len(results)
         lat = [r.total_s for r in results]
         stream_s = sum(lat)
+        last = [r for r in results if r.version == run.version]  # the plan in the record
         blocks = []
         for bi, b in enumerate(plan.blocks):
-            measured = [r.blocks_s[bi] for r in results]
+            measured = [r.blocks_s[bi] for r in last]
             tiles = []
             for ti, t in enumerate(b.tiles):
-                ts = tile_times[t.device].compute_s.get((bi, ti), []) if tile_times else []
+                ts = [r.tile_s[bi, ti] for r in last if (bi, ti) in r.tile_s]
                 tiles.append({"device": t.device, "out_rows": t.out_rows, "out_cols": t.out_cols,
                               "predicted_compute_s": t.compute_s,
                               "predicted_finish_s": t.finish_s,
@@ -92,19 +95,21 @@ class RunRecord:
                            "measured_s": statistics.median(measured) if measured else None,
                            "measured_per_image_s": measured, "tiles": tiles})
         verify = None
-        if refs is not None:
-            checks = [compare(r.logits, ref, rtol) for r, ref in zip(results, refs)]
-            verify = {"ok": all(c["ok"] for c in checks), "rtol": rtol, "images": checks}
-        names = imagenet_classes() if getattr(self.setup, "pretrained", False) else None
+        if verified:
+            checks = [r.check for r in results]
+            verify = {"ok": all(c is not None and c["ok"] for c in checks), "rtol": rtol,
+                      "images": checks}
+        top = [r.top5 for r in results]
         self.runs.append({
             "strategy": plan.strategy, "plan": plan.to_dict(), "images": n,
             "latency_s": lat, "latency_median_s": statistics.median(lat) if lat else None,
             "throughput_per_s": n / stream_s if stream_s > 0 else None,
             "predicted_s": plan.predicted_s, "blocks": blocks,
             "head_predicted_s": plan.head_s,
-            "head_measured_s": statistics.median([r.head_s for r in results]) if results else None,
+            "head_measured_s": statistics.median([r.head_s for r in last]) if last else None,
+            "plan_versions": [r.version for r in results], "replans": run.replans,
             "verify": verify,
-            "top5": [top5(r.logits, names) for r in results] if names else None,
+            "top5": top if any(t is not None for t in top) else None,
         })
 
     def to_dict(self) -> dict:
@@ -112,7 +117,8 @@ class RunRecord:
         return {
             "tool": "edgeci-mpi run", "args": self.args,
             "model": setup.label, "model_source": setup.model, "input_chw": list(setup.chw),
-            "images": setup.image_labels, "pretrained": setup.pretrained,
+            "images": self.labels(), "image_indices": self.image_indices,
+            "stream_images": len(setup.image_labels), "pretrained": setup.pretrained,
             "ranks": self.ranks, "threads_per_rank": self.threads,
             "weights_checksum": self.checksum,
             "emulated": bool(self.emulated), "emulated_ranks": self.emulated,
@@ -127,6 +133,85 @@ class RunRecord:
             "runs": self.runs, "verified": self.verified if any(r["verify"] for r in self.runs)
             else None,
         }
+
+
+class RunLog:
+    """One plan's results over the stream, re-plans included (rank 0)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan          # the plan that ran the latest image
+        self.version = 0
+        self.results: list = []   # engine.ImageResult, logits dropped
+        self.replans: list[dict] = []
+
+    def add(self, result, plan: Plan) -> None:
+        self.results.append(result)
+        self.plan, self.version = plan, result.version
+
+    def replanned(self, image: int, changes, seconds: float, plan: Plan) -> None:
+        self.replans.append({
+            "after_image": image, "planning_s": seconds, "predicted_s": plan.predicted_s,
+            "changes": [{"rank": c.device, "slowdown": c.factor, "extra_s": c.extra_s}
+                        for c in changes]})
+
+
+class ResultsFile:
+    """``--results FILE``: a header line, then one JSON line per finished image."""
+
+    def __init__(self, path: Path, header: dict, done: set[int], fresh: bool):
+        self.path, self.header, self.done, self.fresh = path, header, done, fresh
+        self.file = None
+
+    @staticmethod
+    def open(path: str, header: dict, resume: bool) -> "ResultsFile":
+        p = Path(path)
+        if p.is_dir():
+            raise RunError(f"results file {path!r} is a folder")
+        if not p.exists() or p.stat().st_size == 0:
+            if not p.parent.exists():
+                raise RunError(f"results file {path!r}: folder {str(p.parent)!r} does not exist")
+            return ResultsFile(p, header, set(), fresh=True)
+        if not resume:
+            raise RunError(f"results file {path!r} exists; pass --resume to continue that "
+                           f"stream, or choose another file")
+        rows = []
+        for line in p.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # a torn line from a job killed mid-write: that image runs again
+        if not rows or rows[0].get("kind") != "header":
+            raise RunError(f"results file {path!r} has no edgeci-mpi header line")
+        old = rows[0]["stream"]
+        for key, value in header.items():
+            if _clean(value) != old.get(key):
+                raise RunError(f"cannot resume {path!r}: it was written with {key}="
+                               f"{old.get(key)!r}, this run has {key}={_clean(value)!r}")
+        done = {r["image"] for r in rows[1:] if r.get("kind") == "image"}
+        return ResultsFile(p, header, done, fresh=False)
+
+    def append(self, image: int, label: str, runs: list[RunLog], results, ref_s) -> None:
+        if self.file is None:
+            self.file = open(self.path, "a")
+            if self.fresh:
+                self._write({"kind": "header", "tool": "edgeci-mpi run", "stream": self.header})
+            elif self.path.read_bytes()[-1:] not in (b"", b"\n"):
+                self.file.write("\n")  # end a torn line before appending
+        self._write({"kind": "image", "image": image, "label": label, "reference_s": ref_s,
+                     "runs": [{"strategy": run.plan.strategy, "latency_s": r.total_s,
+                               "plan_version": r.version, "verify": r.check, "top5": r.top5}
+                              for run, r in zip(runs, results)]})
+        self.done.add(image)
+
+    def _write(self, row: dict) -> None:
+        self.file.write(json.dumps(_clean(row)) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def write_json(record: RunRecord, path: str) -> None:
@@ -173,13 +258,18 @@ def summarise(rec: RunRecord) -> str:
                      f"{'  EMULATED' if dev.emulated else ''}")
     cached = all(r.compute_cached for r in rec.reports)
     lines.append(f"  (profile {rec.profile_s:.2f} s{', from cache' if cached else ''})")
-    for run in rec.runs:
+    if not rec.image_indices:
+        lines.append("")
+        lines.append(f"nothing to run: all {len(s.image_labels)} image(s) of the stream are "
+                     f"already in {rec.args.get('results')}")
+    for run in (rec.runs if rec.image_indices else []):
         lines.append("")
         lat = run["latency_s"]
         tp = run["throughput_per_s"]
         lines.append(f"strategy {run['strategy']}: latency {_ms(run['latency_median_s'])} ms "
                      f"median of {run['images']} image(s) (min {_ms(min(lat)) if lat else '-'}), "
-                     f"{tp:.2f} images/s; predicted {_ms(run['predicted_s'])} ms"
+                     f"{'-' if tp is None else f'{tp:.2f}'} images/s; "
+                     f"predicted {_ms(run['predicted_s'])} ms"
                      f"{'  [EMULATED]' if rec.emulated else ''}")
         lines.append(f"  {'#':>3} {'units':>7}  {'block':<30} {'tiles':>5} {'devices':<12} "
                      f"{'pred ms':>8} {'meas ms':>8}")
@@ -191,14 +281,21 @@ def summarise(rec: RunRecord) -> str:
                          f"{_ms(b['measured_s']):>8}")
         lines.append(f"  {'':>3} {'':>7}  {'head (rank 0)':<30} {'':>5} {'0':<12} "
                      f"{_ms(run['head_predicted_s']):>8} {_ms(run['head_measured_s']):>8}")
+        for r in run["replans"]:
+            who = ", ".join(f"rank {c['rank']} {c['slowdown']:.1f}x "
+                            f"{'slower' if c['slowdown'] > 1 else 'faster'}"
+                            for c in r["changes"])
+            lines.append(f"  re-planned after image {r['after_image']}: {who} "
+                         f"(planning {r['planning_s'] * 1e3:.0f} ms, new plan predicts "
+                         f"{_ms(r['predicted_s'])} ms)")
         v = run["verify"]
-        if v is not None:
+        if v is not None and v["images"]:
             worst = max(v["images"], key=lambda c: c["max_abs_diff"] / max(c["tolerance"], 1e-30))
             lines.append(f"  verify: {'OK' if v['ok'] else 'FAILED'}  max|diff| "
                          f"{worst['max_abs_diff']:.3g} vs tolerance {worst['tolerance']:.3g} "
                          f"(1e-4 x max|output|) over {len(v['images'])} image(s)")
         if run["top5"]:
-            labels = s.image_labels
+            labels = rec.labels()
             for i, t5 in enumerate(run["top5"][:4]):
                 cls = ", ".join(f"{c['class']} {c['name']} {c['p']:.3f}" for c in t5)
                 lines.append(f"  top-5 {Path(labels[i]).name if i < len(labels) else i}: {cls}")
