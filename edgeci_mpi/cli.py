@@ -1,7 +1,7 @@
 """One CNN inference across an MPI cluster of edge devices (DPFL fused blocks + AWAS tiles).
 
-Command line: ``python -m edgeci_mpi plan | simulate | run | sweep | report`` (also the
-``edgeci-mpi`` script).
+Command line: ``python -m edgeci_mpi plan | simulate | run | sweep | report | launch`` (also
+the ``edgeci-mpi`` script; ``launch`` starts another command under ``mpiexec``).
 
 ``plan`` needs no MPI; ``run`` is started on every rank by ``mpirun`` and lives in
 ``edgeci_mpi.runtime``.
@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_arguments(r)
         add_run_arguments(r)
     from .experiments import add_experiment_parsers  # sweep, report
+    from .launch import add_launch_parser
 
     add_experiment_parsers(sub)
+    add_launch_parser(sub)
     return ap
 
 
@@ -147,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime.app import run_main
 
         return run_main(args)
+    if args.command == "launch":
+        from .launch import launch_main
+
+        return launch_main(args)
     if args.command in ("sweep", "report"):
         from .experiments import run_experiment_command
 

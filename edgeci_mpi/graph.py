@@ -10,6 +10,8 @@ stops tracing with ``UntileableOp`` naming the op and its module path.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
 from dataclasses import dataclass, replace
 
@@ -25,6 +27,11 @@ from .units import ModelSpec, UnitSpec
 
 class UntileableOp(ValueError):
     """The model contains an op the planner cannot split spatially."""
+
+
+class InputShapeError(ValueError):
+    """The model cannot run on the requested input shape (wrong channel count, a map that
+    shrinks to nothing, too large to allocate); the message is one line."""
 
 
 # --- op classification ---------------------------------------------------------------------
@@ -214,6 +221,25 @@ class ModelGraph:
     head: fx.GraphModule
 
 
+def _propagate_shapes(gm: fx.GraphModule, input_chw: tuple[int, int, int], name: str) -> None:
+    """Run ``ShapeProp`` on a zero input; a model that cannot take this shape is an
+    :class:`InputShapeError` naming the layer, not the traceback ShapeProp prints itself."""
+    shape = "x".join(map(str, input_chw))
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm).propagate(torch.zeros(1, *input_chw))
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        cause = e.__cause__ or e
+        node = str(e) if e.__cause__ is not None else ""  # "ShapeProp error for: node=..."
+        where = ""
+        if "target=" in node:
+            where = " at " + node.split("target=", 1)[1].split("]", 1)[0]
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        if "can't allocate memory" in first:  # torch's allocator message starts with C++ noise
+            first = "out of memory: " + first.split("you tried to", 1)[-1].strip()
+        raise InputShapeError(f"{name} cannot run on input {shape}{where}: {first}") from None
+
+
 def trace(model: nn.Module, input_chw: tuple[int, int, int], name: str = "model") -> ModelGraph:
     """Trace ``model`` (eval mode) for a ``1 x C x H x W`` input and cut it into units."""
     model.eval()
@@ -225,8 +251,7 @@ def trace(model: nn.Module, input_chw: tuple[int, int, int], name: str = "model"
     if len(placeholders) != 1:
         raise UntileableOp(f"{name}: expected one input tensor, the model takes "
                            f"{len(placeholders)}")
-    with torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(1, *input_chw))
+    _propagate_shapes(gm, input_chw, name)
 
     nodes = [n for n in gm.graph.nodes if n.op != "get_attr"]
     index = {n: i for i, n in enumerate(nodes)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import pickle
 from pathlib import Path
 
 import torch
@@ -68,21 +69,59 @@ def load_weights(model: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"weights file {path!r} does not exist")
+    if p.stat().st_size == 0:
+        raise ModelError(f"weights file {path!r} is empty")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
-        raise ModelError(f"cannot load weights {path!r}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ModelError(f"cannot load weights {path!r}: {_load_error(e)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ModelError(f"weights file {path!r} holds a {type(state).__name__}, not a state dict")
+    problem = state_dict_mismatch(model, state)
+    if problem:
+        raise ModelError(f"weights {path!r} do not fit the model: {problem}")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()
         raise ModelError(f"weights {path!r} do not fit the model: "
                          f"{' '.join(s.strip() for s in first[:2])}") from None
+
+
+def _load_error(e: BaseException) -> str:
+    """One short line for a ``torch.load`` failure (its unpickling errors run to a page of
+    advice about ``weights_only`` that does not apply to a file that is simply not weights)."""
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
+        return "not a PyTorch state-dict file (unreadable or holds objects other than tensors)"
+    if isinstance(e, EOFError):
+        return "file is truncated"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
+
+
+def state_dict_mismatch(model: nn.Module, state: dict) -> str | None:
+    """What stops ``state`` loading into ``model``, in one line: missing and unexpected keys
+    (count and the first few) and tensors of the wrong shape; None if it fits."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    extra = [k for k in state if k not in want]
+    shapes = [f"{k} {_shape(state[k])} (model {_shape(want[k])})" for k in want
+              if k in state and isinstance(state[k], torch.Tensor)
+              and tuple(state[k].shape) != tuple(want[k].shape)]
+    not_tensor = [k for k in want if k in state and not isinstance(state[k], torch.Tensor)]
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", extra),
+                       ("wrong shape", shapes), ("not a tensor", not_tensor)):
+        if keys:
+            more = f", ... ({len(keys)} in all)" if len(keys) > 3 else ""
+            parts.append(f"{what}: {', '.join(map(str, keys[:3]))}{more}")
+    return "; ".join(parts) or None
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"
 
 
 def default_input(name: str) -> tuple[int, int, int]:

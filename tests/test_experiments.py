@@ -270,4 +270,5 @@ def test_run_mode_cell_through_mpiexec(tmp_path, monkeypatch):
     assert main(["report", str(res)]) == 0
     md = (res / "report.md").read_text()
     assert "Measured latency in ms" in md and "EMULATED" in md
+    assert "## Simulator vs measured" in md and "| hetero4 | resnet18 | 3 |" in md
     assert next(res.glob("*.png")).read_bytes()[:8] == PNG

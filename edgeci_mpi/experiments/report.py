@@ -387,6 +387,29 @@ def summary_lines(groups: list[Group]) -> list[str]:
     return lines
 
 
+def simulator_lines(rows: list[dict]) -> list[str]:
+    """Simulator vs measured, per preset and model: |measured - simulated| / measured over
+    every finished run-mode row (each strategy, device count, link and repeat)."""
+    err: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        m, s = r.get("measured_ms"), r.get("simulated_ms")
+        if r.get("status") == "ok" and m and s:
+            err[(r["preset"], r["model"])].append((m - s) / m * 100.0)
+    if not err:
+        return []
+    lines = ["## Simulator vs measured", "",
+             "Per preset: the simulator's latency for each measured run (same plan, same "
+             "cluster, the coordinator's shared link) against the measured median; "
+             "error = (measured - simulated) / measured.", "",
+             "| preset | model | runs | median |error| % | max |error| % | mean error % |",
+             "|---|---|---:|---:|---:|---:|"]
+    for (preset, model), v in sorted(err.items()):
+        a = [abs(x) for x in v]
+        lines.append(f"| {preset} | {model} | {len(v)} | {statistics.median(a):.1f} | "
+                     f"{max(a):.1f} | {statistics.fmean(v):+.1f} |")
+    return lines
+
+
 def write_report(results: str | Path, out: str | Path | None = None) -> tuple[Path, list[Path]]:
     """Figures and ``report.md`` for the results in ``results`` (a directory or its CSV)."""
     rows = load_rows(results)
@@ -423,6 +446,9 @@ def write_report(results: str | Path, out: str | Path | None = None) -> tuple[Pa
         md += [f"![{f.stem}]({f.name})" for f in figs]
         md.append("")
     md += summary_lines(groups)
+    sim = simulator_lines(rows)
+    if sim:
+        md += [""] + sim
     report = out / "report.md"
     report.write_text("\n".join(md) + "\n")
     return report, figures

@@ -12,6 +12,7 @@ its own seed, so a resumed stream can start anywhere and get the same images.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,15 @@ import torch
 
 from .failure import RunError
 
+#: PIL modes converted to RGB or grey without loss or guessing: bilevel, 8-bit grey, palette,
+#: RGB and its YCbCr form (JPEG).  Anything else is refused by :func:`check_image`.
+READABLE_MODES = {"1", "L", "P", "RGB", "YCbCr"}
+_MODE_WORDS = {"RGBA": "an alpha channel", "LA": "an alpha channel", "PA": "an alpha channel",
+               "RGBa": "an alpha channel", "La": "an alpha channel", "CMYK": "CMYK colour",
+               "I": "32-bit integer pixels", "F": "floating-point pixels",
+               **dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N"), "16-bit pixels")}
+#: An image upscaled more than this to reach the model's input is refused as too small.
+MAX_UPSCALE = 4.0
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -44,6 +54,24 @@ def preprocess(img, chw: tuple[int, int, int]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray((a - mean) / std))[None]
 
 
+def check_image(img, path: str | Path, chw: tuple[int, int, int]) -> None:
+    """Refuse what the RGB/grey conversion would get wrong instead of guessing: an alpha
+    channel (what lies under transparent pixels is arbitrary), CMYK (needs the file's colour
+    profile), 16-bit, integer or float pixels (PIL's conversion to 8 bits clips them), and an
+    image so small that it would be upscaled more than :data:`MAX_UPSCALE` times."""
+    name = repr(str(path))
+    if img.mode not in READABLE_MODES:
+        what = _MODE_WORDS.get(img.mode, f"{img.mode} pixels")
+        raise RunError(f"image {name} has {what} (PIL mode {img.mode}); edgeci-mpi reads 8-bit "
+                       "RGB or greyscale images: convert it first")
+    _, h, w = chw
+    need = math.ceil(max(h, w) / 0.875 / MAX_UPSCALE)
+    if min(img.size) < need:
+        raise RunError(f"image {name} is {img.size[0]}x{img.size[1]}, too small for the "
+                       f"model's {h}x{w} input (it would be upscaled more than "
+                       f"{MAX_UPSCALE:.0f}x; the shorter side needs at least {need} px)")
+
+
 def load_image(path: str | Path, chw: tuple[int, int, int]) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
@@ -53,6 +81,7 @@ def load_image(path: str | Path, chw: tuple[int, int, int]) -> torch.Tensor:
     try:
         with Image.open(p) as img:
             img.load()
+            check_image(img, path, chw)
             return preprocess(img, chw)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, RunError):

@@ -41,10 +41,12 @@ import torch.nn.functional as F
 
 from ..cost import Device
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 #: (channels, map size) of the conv micro-benchmark: 3x3 conv, C -> C, stride 1, padding 1.
 CONV_SIZES = ((32, 28), (32, 56), (64, 40), (64, 56))
 PING_SIZES = (8, 64 * 1024, 1024 * 1024, 4 * 1024 * 1024)
+SLOW_LINK_PING_S = 0.25  # stop growing the pings once one takes this long one way
+TAG_PING_SIZE = 15       # rank 0 -> peer: the next ping size in bytes, 0 = done
 
 
 @dataclass
@@ -244,8 +246,16 @@ def gather_reports(comm, reprofile: bool = False) -> list[Report] | None:
 
 
 def _ping_pong_root(comm, peer: int, repeats: int = 3) -> tuple[float, float]:
+    """(latency, bandwidth) of the link to ``peer``: bandwidth from the slope of a line fitted
+    to the one-way times of every size, latency from the smallest ping (the fit's intercept
+    is swamped by the noise of the MiB-sized pings).  Rank 0 names each size before sending
+    it, and stops early on a slow link (a 1 MiB ping over 0.25 s: the 4 MiB one would add
+    seconds and no accuracy)."""
     sizes, one_way = [], []
     for n in PING_SIZES:
+        if one_way and one_way[-1] > SLOW_LINK_PING_S:
+            break
+        comm.world.send(n, dest=peer, tag=TAG_PING_SIZE)
         buf = np.zeros(n, np.uint8)
         best = float("inf")
         for _ in range(repeats):
@@ -255,12 +265,16 @@ def _ping_pong_root(comm, peer: int, repeats: int = 3) -> tuple[float, float]:
             best = min(best, (time.perf_counter() - t0) / 2)
         sizes.append(float(n))
         one_way.append(best)
-    a, b = fit_line(sizes, one_way)
-    return b, 1.0 / a
+    comm.world.send(0, dest=peer, tag=TAG_PING_SIZE)
+    a, _ = fit_line(sizes, one_way)
+    return max(0.0, one_way[0] - sizes[0] * a), 1.0 / a
 
 
 def _ping_pong_peer(comm, repeats: int = 3) -> None:
-    for n in PING_SIZES:
+    while True:
+        n = comm.wait(comm.world.irecv(source=0, tag=TAG_PING_SIZE), "rank 0's next ping size")
+        if n == 0:
+            return
         buf = np.zeros(n, np.uint8)
         for _ in range(repeats):
             comm.recv_bytes(buf, 0)
