@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_experiment_parsers(sub)
     add_launch_parser(sub)
+    if add_run_arguments is not None:  # under mpiexec, usage errors print on rank 0 only
+        from .runtime.app import _quiet_error
+
+        for parser in (ap, *sub.choices.values()):
+            parser.error = _quiet_error(parser)  # type: ignore[method-assign]
     return ap
 
 

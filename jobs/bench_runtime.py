@@ -65,6 +65,27 @@ def hand_split_plan(ranks: int, path: Path) -> None:
     path.write_text(finish_plan(spec, cluster, "hand-split", blocks).to_json())
 
 
+FORWARD = """
+import statistics, sys, time, torch, torchvision
+torch.set_num_threads(1)
+m = torchvision.models.vgg16().eval()
+x = torch.randn(1, 3, 224, 224)
+ts = []
+with torch.no_grad():
+    m(x)
+    for _ in range(int(sys.argv[1])):
+        t0 = time.perf_counter(); m(x); ts.append(time.perf_counter() - t0)
+print(statistics.median(ts))
+"""
+
+
+def forward_times(processes: int, n: int) -> list[float]:
+    """Median VGG-16 forward seconds in each of ``processes`` processes running at once."""
+    ps = [subprocess.Popen([sys.executable, "-c", FORWARD, str(n)], stdout=subprocess.PIPE,
+                           text=True) for _ in range(processes)]
+    return [float(p.communicate()[0]) for p in ps]
+
+
 def lat(rec: dict, strategy: str) -> float:
     return next(r for r in rec["runs"] if r["strategy"] == strategy)["latency_median_s"]
 
@@ -113,6 +134,13 @@ def main() -> int:
               f"{base / r['latency_median_s']:>7.2f}x {r['predicted_s'] * 1e3:>13.1f}")
     print(f"  cross-check: a separate 1-rank job ran 'single' at {sep * 1e3:.1f} ms -> edgeci "
           f"speedup {sep / lat(rec, 'edgeci'):.2f}x")
+    print("\n(c) the machine's ceiling for (b): VGG-16 model(x), 1 thread, one process alone vs "
+          "two at once")
+    alone = forward_times(1, a.images)[0]
+    pair = forward_times(2, a.images)
+    print(f"  alone {alone * 1e3:.1f} ms; side by side {', '.join(f'{t * 1e3:.1f}' for t in pair)}"
+          f" ms -> two processes give {2 * alone / max(pair):.2f}x one (the ceiling for a "
+          f"2-rank split before any communication or serial head)")
     print(f"\nload average after {os.getloadavg()[0]:.2f}; records in {tmp}")
     return 0
 
