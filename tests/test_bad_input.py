@@ -22,13 +22,12 @@ import os
 import stat
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from edgeci_mpi import launch as L
+from launching import Job, run_timed
 from edgeci_mpi.runtime import images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,45 +215,11 @@ def test_image_accepted(image_files, name):
 
 # --- end to end: launch -n 2 -- run ... ---------------------------------------------------------
 
-class Job:
-    def __init__(self, rc: int, out: str, err: str, seconds: float, error_after: float | None):
-        self.rc, self.out, self.err = rc, out, err
-        self.seconds, self.error_after = seconds, error_after
-
-    def error_lines(self) -> list[str]:
-        return [ln for ln in self.err.splitlines() if ln.startswith("edgeci-mpi: error")]
-
-    def __repr__(self) -> str:
-        return f"rc={self.rc} in {self.seconds:.1f}s\n--- stdout\n{self.out[-3000:]}\n" \
-               f"--- stderr\n{self.err[-3000:]}"
-
-
 def launch(*args: str, n: int = 2, limit: int = 120, cache: Path | None = None,
            env: dict | None = None) -> Job:
-    """``timeout`` + ``python -m edgeci_mpi launch -n N -- run ARGS``; times the first error
-    line to the end of the job."""
-    cmd = ["timeout", "-k", "5", str(limit), sys.executable, "-m", "edgeci_mpi", "launch",
-           "-n", str(n), "--", "run", *args]
-    e = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    if cache is not None:
-        e["EDGECI_CACHE_DIR"] = str(cache)
-    e.pop("EDGECI_INJECT_FAILURE", None)
-    e.update(env or {})
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.append(p.stdout.read()), daemon=True)
-    reader.start()
-    err, t_err = [], None
-    for line in p.stderr:
-        if t_err is None and line.startswith("edgeci-mpi: error"):
-            t_err = time.perf_counter()
-        err.append(line)
-    rc = p.wait(timeout=limit + 30)
-    reader.join(timeout=30)
-    t_end = time.perf_counter()
-    return Job(rc, "".join(out), "".join(err), t_end - t0, None if t_err is None else t_end - t_err)
+    """``python -m edgeci_mpi launch -n N -- run ARGS`` under ``timeout``."""
+    return run_timed([sys.executable, "-m", "edgeci_mpi", "launch", "-n", str(n), "--", "run",
+                      *args], limit, cache, env)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from edgeci_mpi.strategies import STRATEGIES
+from launching import Job, run_timed
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -40,44 +40,9 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("edgeci-cache")
 
 
-class Launch:
-    def __init__(self, proc: subprocess.CompletedProcess, seconds: float, error_after: float | None):
-        self.rc, self.out, self.err = proc.returncode, proc.stdout, proc.stderr
-        self.seconds = seconds
-        self.error_after = error_after  # seconds from our error line to the job's end
-
-    def error_lines(self) -> list[str]:
-        return [ln for ln in self.err.splitlines() if ln.startswith("edgeci-mpi: error")]
-
-    def __repr__(self) -> str:
-        return f"rc={self.rc} in {self.seconds:.1f}s\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
-
-
-def launch(n: int, *args: str, cache: Path, limit: int = 240, env: dict | None = None) -> Launch:
-    cmd = ["timeout", "-k", "5", str(limit), MPIEXEC, "-n", str(n), sys.executable, "-m",
-           "edgeci_mpi", "run", *args]
-    e = {**os.environ, "EDGECI_CACHE_DIR": str(cache),
-         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    e.pop("EDGECI_INJECT_FAILURE", None)
-    e.update(env or {})
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    out_parts: list[str] = []
-    reader = threading.Thread(target=lambda: out_parts.append(p.stdout.read()), daemon=True)
-    reader.start()
-    err_lines, t_err = [], None
-    assert p.stderr is not None
-    for line in p.stderr:  # stream stderr to time the first error line
-        if t_err is None and line.startswith("edgeci-mpi: error"):
-            t_err = time.perf_counter()
-        err_lines.append(line)
-    p.wait(timeout=limit + 30)
-    reader.join(timeout=30)
-    out = "".join(out_parts)
-    t_end = time.perf_counter()
-    done = subprocess.CompletedProcess(cmd, p.returncode, out, "".join(err_lines))
-    return Launch(done, t_end - t0, None if t_err is None else t_end - t_err)
+def launch(n: int, *args: str, cache: Path, limit: int = 240, env: dict | None = None) -> Job:
+    return run_timed([MPIEXEC, "-n", str(n), sys.executable, "-m", "edgeci_mpi", "run", *args],
+                     limit, cache, env)
 
 
 def record(path: Path) -> dict:

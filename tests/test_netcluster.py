@@ -8,7 +8,6 @@ subprocess runs under a timeout; after each test no namespace of ours may be lef
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

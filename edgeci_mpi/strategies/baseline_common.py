@@ -6,15 +6,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-
-from ..awas import _proportional, awas
+from ..awas import _proportional
 from ..cost import Cluster
 from ..geometry import Interval, split_sizes
-from ..plan import Block
 from ..units import BlockGeom, ModelSpec, UnitSpec
-from .common import make_block, whole_block
-from .edgeci import DeviceArrays, best_for_share, edgeci_block  # noqa: F401 (re-exported)
+from .edgeci import DeviceArrays
 
 Rect = tuple[int, Interval, Interval]
 
