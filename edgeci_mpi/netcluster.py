@@ -442,8 +442,12 @@ def _check(argv: list[str]) -> None:
 
 
 def _mpiexec() -> str:
-    here = Path(sys.executable).parent / "mpiexec"
-    return str(here) if here.exists() else (shutil.which("mpiexec") or "mpiexec")
+    from .launch import LaunchError, find_mpiexec
+
+    try:
+        return find_mpiexec()
+    except LaunchError as e:
+        raise ClusterError(str(e)) from None
 
 
 def _cpus() -> int:

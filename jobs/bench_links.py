@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgeci_mpi.netcluster import NetCluster, unsupported_reason  # noqa: E402
+from edgeci_mpi.netcluster import NetCluster, _mpiexec, unsupported_reason  # noqa: E402
 
 VARIANTS = ("measured", "ignore")
 
@@ -77,11 +77,6 @@ def job(c: NetCluster, mpiexec_tail: list[str], timeout: float, log: Path) -> No
         tail = log.read_text()[-2000:]
         raise SystemExit(f"bench_links: job failed (rc {rc}) after "
                          f"{time.monotonic() - t0:.0f} s, log {log}:\n{tail}")
-
-
-def _mpiexec() -> str:
-    here = Path(sys.executable).parent / "mpiexec"
-    return str(here) if here.exists() else "mpiexec"
 
 
 def calibrate(c: NetCluster, a: argparse.Namespace, out: Path) -> None:

@@ -90,17 +90,26 @@ def watch_exits(pids: dict[int, int]) -> dict[int, float]:
     return ended
 
 
+def start_stream(ranks: int, run_args: list[str], limit: float, env: dict | None = None,
+                 stderr=subprocess.PIPE) -> subprocess.Popen:
+    """``timeout LIMIT python -m edgeci_mpi launch -n RANKS -- run RUN_ARGS`` from the
+    repository root, with the benchmarks' shared capability cache; stdout piped."""
+    cmd = ["timeout", "-k", "5", str(int(limit)), sys.executable, "-m", "edgeci_mpi", "launch",
+           "-n", str(ranks), "--", "run", *run_args]
+    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    e.setdefault("EDGECI_CACHE_DIR", str(Path(tempfile.gettempdir()) / "edgeci-bench-cache"))
+    return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True)
+
+
 def trial(args, rng: random.Random, k: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="edgeci-lost-") as tmp:
         results = Path(tmp) / "results.jsonl"
-        cmd = [sys.executable, "-m", "edgeci_mpi", "launch", "-n", str(args.ranks), "--", "run",
-               "--model", args.model, "--input", args.input, "--images", str(args.images),
-               "--strategy", "edgeci", "--warmup", "0", "--results", str(results)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        env.setdefault("EDGECI_CACHE_DIR", str(Path(tempfile.gettempdir()) / "edgeci-bench-cache"))
         t_start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = start_stream(args.ranks, [
+            "--model", args.model, "--input", args.input, "--images", str(args.images),
+            "--strategy", "edgeci", "--warmup", "0", "--results", str(results)],
+            limit=args.limit + 60)
         err: list[str] = []
         reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
         reader.start()

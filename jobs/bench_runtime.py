@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,10 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def mpiexec() -> str:
-    exe = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-    if exe is None:
-        raise SystemExit("bench_runtime: no mpiexec (pip install mpich)")
-    return exe
+    from edgeci_mpi.launch import LaunchError, find_mpiexec
+
+    try:
+        return find_mpiexec()
+    except LaunchError as e:
+        raise SystemExit(f"bench_runtime: {e} (or run jobs/setup.sh)") from None
 
 
 def run(ranks: int, args: list[str], out: Path, limit: int = 600) -> dict:

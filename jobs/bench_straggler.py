@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -24,13 +23,16 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def mpiexec() -> str:
-    exe = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-    if exe is None:
-        sys.exit("bench_straggler: no mpiexec (run jobs/setup.sh or pip install mpich)")
-    return exe
+    from edgeci_mpi.launch import LaunchError, find_mpiexec
+
+    try:
+        return find_mpiexec()
+    except LaunchError as e:
+        raise SystemExit(f"bench_straggler: {e} (or run jobs/setup.sh)") from None
 
 
 def run(a, extra: list[str], out: Path) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
-from bench_lost_device import lines_in, rank_pids  # noqa: E402
+from bench_lost_device import lines_in, rank_pids, start_stream  # noqa: E402
 
 
 def rss_kib(pid: int) -> int | None:
@@ -83,18 +83,15 @@ def soak(args) -> int:
     job_tmp = work / "tmp"
     job_tmp.mkdir()
     out, results = work / "run.json", work / "results.jsonl"
-    cmd = [sys.executable, "-m", "edgeci_mpi", "launch", "-n", str(args.ranks), "--", "run",
-           "--model", args.model, "--input", args.input, "--images", str(args.images),
-           "--strategy", args.strategy, "--verify", "--json", str(out), "--results", str(results)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(job_tmp)}
-    env.setdefault("EDGECI_CACHE_DIR", str(Path(tempfile.gettempdir()) / "edgeci-bench-cache"))
     shm_before, tmp_before = shm_names(), file_count(job_tmp)
     print(f"soak: {args.ranks} ranks, {args.images} images of {args.model} {args.input}, "
           f"strategy {args.strategy}, --verify; load average {os.getloadavg()[0]:.1f}",
           flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_stream(args.ranks, [
+        "--model", args.model, "--input", args.input, "--images", str(args.images),
+        "--strategy", args.strategy, "--verify", "--json", str(out), "--results", str(results)],
+        limit=args.limit, env={"TMPDIR": str(job_tmp)}, stderr=subprocess.STDOUT)
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
@@ -192,6 +189,7 @@ def main() -> int:
     ap.add_argument("--report-every", type=float, default=30.0, help="progress line period")
     ap.add_argument("--warm", type=float, default=0.1, help="fraction of the stream = warm-up")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--limit", type=float, default=3600, help="end the job after S seconds")
     return soak(ap.parse_args())
 
 

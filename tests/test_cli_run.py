@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from edgeci_mpi.launch import LaunchError, find_mpiexec
+from edgeci_mpi.runtime.results import read_json_lines
 from edgeci_mpi.strategies import STRATEGIES
 from launching import Job, run_timed
 
@@ -24,14 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def find_mpiexec() -> str | None:
-    """The venv's mpiexec (next to this Python) first, then PATH."""
-    return shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-
-
-MPIEXEC = find_mpiexec()
-if MPIEXEC is None:  # pragma: no cover
-    pytest.skip("no mpiexec found (pip install mpich)", allow_module_level=True)
+try:
+    MPIEXEC = find_mpiexec()
+except LaunchError as e:  # pragma: no cover
+    pytest.skip(str(e), allow_module_level=True)
 
 
 @pytest.fixture(scope="session")
@@ -229,12 +226,7 @@ def test_results_file_resumes_an_interrupted_stream(cache_dir, tmp_path):
     assert r.rc == 0, r
     rec = record(out)
     assert rec["image_indices"] == [2, 3] and rec["verified"]
-    rows = []
-    for line in results.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass
+    rows = read_json_lines(results)
     assert [row["image"] for row in rows[1:]] == [0, 1, 2, 3]
     assert all(row["runs"][0]["verify"]["ok"] for row in rows[1:])
     r = launch(2, *args, "--resume", cache=cache_dir)

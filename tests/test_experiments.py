@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
-import sys
 import tomllib
 from pathlib import Path
 
@@ -15,10 +13,20 @@ import pytest
 from edgeci_mpi.cli import main
 from edgeci_mpi.cluster import load_cluster
 from edgeci_mpi.experiments import report, sweep
+from edgeci_mpi.launch import LaunchError, find_mpiexec
+from edgeci_mpi.runtime.results import read_json_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _have_mpiexec() -> bool:
+    try:
+        find_mpiexec()
+    except LaunchError:
+        return False
+    return True
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -141,22 +149,12 @@ def test_resume_after_interruption_and_failure(tmp_path, monkeypatch, shared_gra
     s = sweep.run_sweep(spec, tmp_path)
     assert (s.skipped, s.ran, s.pending) == (1, 1, 0) and calls == ids
     assert store.read_text().startswith(first)          # nothing rewritten, nothing lost
-    assert [r["cell"] for r in jsonl_lenient(store)] == ids
+    assert [r["cell"] for r in read_json_lines(store)] == ids
     rows = read_csv(tmp_path / "tiny" / "results.csv")
     assert len(rows) == 6 and {r["cell"] for r in rows} == set(ids)
     # a third run has nothing to do
     s = sweep.run_sweep(spec, tmp_path)
     assert (s.skipped, s.ran) == (2, 0) and calls == ids
-
-
-def jsonl_lenient(path: Path) -> list[dict]:
-    out = []
-    for ln in path.read_text().splitlines():
-        try:
-            out.append(json.loads(ln))
-        except ValueError:
-            pass
-    return out
 
 
 def test_failed_cell_is_recorded_and_retried(tmp_path, monkeypatch, shared_graphs):
@@ -239,8 +237,7 @@ def test_slurm_simulate_mode_and_collection(tmp_path, monkeypatch, shared_graphs
     assert sweep.write_slurm(spec, tmp_path / "slurm2", res) == []   # nothing left to submit
 
 
-@pytest.mark.skipif(shutil.which("mpiexec", path=str(Path(sys.executable).parent)) is None
-                    and shutil.which("mpiexec") is None, reason="no mpiexec")
+@pytest.mark.skipif(not _have_mpiexec(), reason="no mpiexec")
 def test_run_mode_cell_through_mpiexec(tmp_path, monkeypatch):
     """One real cell: 2 ranks emulating hetero4 devices, ResNet-18 at 3x64x64, one image."""
     doc = tomllib.loads((JOBS / "tiny-run.toml").read_text())

@@ -13,7 +13,7 @@ from edgeci_mpi.plan import Block, Plan, Tile
 from edgeci_mpi.runtime.adapt import THRESHOLD, Adapter
 from edgeci_mpi.runtime.engine import ImageResult
 from edgeci_mpi.runtime.failure import RunError
-from edgeci_mpi.runtime.results import ResultsFile, RunLog
+from edgeci_mpi.runtime.results import ResultsFile, RunLog, read_json_lines
 
 
 def three_device_plan() -> tuple[Plan, Cluster]:
@@ -113,14 +113,7 @@ def test_results_file_appends_and_resumes(tmp_path: Path):
     assert log.done == {0, 1}
     write_images(log, plan, [2, 3])
     log.close()
-    rows = [json.loads(s) for s in path.read_text().splitlines()[:2]]
-    good = []
-    for line in path.read_text().splitlines():
-        try:
-            good.append(json.loads(line))
-        except ValueError:
-            pass
-    assert [r["image"] for r in good[1:]] == [0, 1, 2, 3]
+    assert [r["image"] for r in read_json_lines(path)[1:]] == [0, 1, 2, 3]
     assert ResultsFile.open(str(path), HEADER, resume=True).done == {0, 1, 2, 3}
 
 

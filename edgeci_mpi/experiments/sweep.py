@@ -58,7 +58,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -376,11 +375,14 @@ def run_cell_simulate(spec: SweepSpec, cell: Cell, cluster, celldir: Path,
 
 
 def find_mpiexec(spec: SweepSpec) -> str:
-    exe = spec.mpiexec or shutil.which("mpiexec", path=str(Path(sys.executable).parent)) \
-        or shutil.which("mpiexec")
-    if exe is None:
-        raise CellFailed("no mpiexec found (pip install mpich, or set mpiexec in the sweep file)")
-    return exe
+    from .. import launch
+
+    if spec.mpiexec:
+        return spec.mpiexec
+    try:
+        return launch.find_mpiexec()
+    except launch.LaunchError as e:
+        raise CellFailed(f"{e}; or set mpiexec in the sweep file") from None
 
 
 def run_arguments(spec: SweepSpec, cell: Cell, cluster_file: Path, out_json: Path) -> list[str]:

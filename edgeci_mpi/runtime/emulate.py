@@ -91,10 +91,12 @@ class Emulator:
             out[ti] = link
         return out
 
-    def gather_finish(self, block: Block, start: float, ends: dict[int, float]) -> float:
+    def gather_finish(self, block: Block, start: float, ends: dict[int, float],
+                      offsets: dict[int, float] | None = None) -> float:
         """When the last output of ``block`` would be in, given each remote tile's compute end
-        (``ends``, perf_counter stamps) and the block's start: the gather queue replayed."""
-        offsets = self.scatter_offsets(block)
+        (``ends``, perf_counter stamps) and the block's start: the gather queue replayed.
+        ``offsets`` are the block's :meth:`scatter_offsets`, if already at hand."""
+        offsets = self.scatter_offsets(block) if offsets is None else offsets
         link = start + max(offsets.values(), default=0.0)
         finish = start
         c = block.out_chw[0]

@@ -80,7 +80,13 @@ class PlanRunner:
         self.last: dict[tuple[int, int], float] = {}
         self.mine = [[ti for ti, t in enumerate(b.tiles) if t.device == self.rank]
                      for b in plan.blocks]
-        self.reporting = sorted({t.device for b in plan.blocks for t in b.tiles} - {0})
+        # (block, tile) of every remote tile, per rank, in the order its timings come back
+        self.report_keys: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for bi, b in enumerate(plan.blocks):
+            for ti, t in enumerate(b.tiles):
+                if t.device != 0:
+                    self.report_keys[t.device].append((bi, ti))
+        self.reporting = sorted(self.report_keys)
         self.links = [self.emulator.block_links(b) for b in plan.blocks]
         self.offsets = [self.emulator.scatter_offsets(b) if link else {}
                         for b, link in zip(plan.blocks, self.links)]
@@ -143,9 +149,7 @@ class PlanRunner:
         tile_s = dict(self.last)
         for r, req in reports:
             seconds = self.comm.wait(req, f"rank {r}'s tile timings")
-            keys = [(bi, ti) for bi, b in enumerate(self.plan.blocks)
-                    for ti, t in enumerate(b.tiles) if t.device == r]
-            tile_s.update(zip(keys, seconds))
+            tile_s.update(zip(self.report_keys[r], seconds))
         self.images_run += 1
         return ImageResult(logits, total_s, blocks_s, head_s, self.version, tile_s)
 
@@ -178,7 +182,8 @@ class PlanRunner:
                                           f"{','.join(map(str, devs))}")
         if stamps:
             sleep_until(self.emulator.gather_finish(
-                block, float(start[0]), {ti: float(a[0]) for ti, a in stamps.items()}))
+                block, float(start[0]), {ti: float(a[0]) for ti, a in stamps.items()},
+                self.offsets[bi]))
         for ti in remote:
             _place(out, block.tiles[ti], self.bufs[bi, ti])
         return out
@@ -221,7 +226,7 @@ class PlanRunner:
                     sends.append(self.comm.isend_stamp(end, 0, self.tag(bi, ti)))
             self.comm.wait_all(sends, f"rank 0 to take block {bi} outputs")
         if self.rank in self.reporting:
-            seconds = [self.last[bi, ti] for bi, mine in enumerate(self.mine) for ti in mine]
+            seconds = [self.last[key] for key in self.report_keys[self.rank]]
             self.comm.wait(self.comm.send_times(seconds), "rank 0 to take the tile timings")
         self.images_run += 1
 

@@ -155,6 +155,26 @@ class RunLog:
                         for c in changes]})
 
 
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return b""
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
+def read_json_lines(path: str | Path) -> list[dict]:
+    """Every line of a JSON-lines file that parses (a job killed mid-write leaves a torn one)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 class ResultsFile:
     """``--results FILE``: a header line, then one JSON line per finished image."""
 
@@ -174,12 +194,7 @@ class ResultsFile:
         if not resume:
             raise RunError(f"results file {path!r} exists; pass --resume to continue that "
                            f"stream, or choose another file")
-        rows = []
-        for line in p.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # a torn line from a job killed mid-write: that image runs again
+        rows = read_json_lines(p)  # a torn line is skipped: that image runs again
         if not rows or rows[0].get("kind") != "header":
             raise RunError(f"results file {path!r} has no edgeci-mpi header line")
         old = rows[0]["stream"]
@@ -195,7 +210,7 @@ class ResultsFile:
             self.file = open(self.path, "a")
             if self.fresh:
                 self._write({"kind": "header", "tool": "edgeci-mpi run", "stream": self.header})
-            elif self.path.read_bytes()[-1:] not in (b"", b"\n"):
+            elif _last_byte(self.path) not in (b"", b"\n"):
                 self.file.write("\n")  # end a torn line before appending
         self._write({"kind": "image", "image": image, "label": label, "reference_s": ref_s,
                      "runs": [{"strategy": run.plan.strategy, "latency_s": r.total_s,
