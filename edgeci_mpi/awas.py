@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .geometry import Interval, split_sizes
+from .geometry import Interval, split_even, split_sizes
 
 # ---------------------------------------------------------------------------------------------
 # Step 2: the forward auction with epsilon-scaling.
@@ -187,18 +187,13 @@ class Layout:
 
 def even_layout(h: int, w: int, tiles: int, bands: int) -> Layout:
     counts = [len(x) for x in _chunks(tiles, bands)]
-    heights = [b - a for a, b in _even(h, bands)]
-    widths = [[b - a for a, b in _even(w, c)] for c in counts]
+    heights = [b - a for a, b in split_even(h, bands)]
+    widths = [[b - a for a, b in split_even(w, c)] for c in counts]
     return Layout(heights, widths)
 
 
-def _even(size: int, parts: int) -> list[Interval]:
-    base, extra = divmod(size, parts)
-    return split_sizes([base + (1 if i < extra else 0) for i in range(parts)])
-
-
 def _chunks(n: int, parts: int) -> list[range]:
-    return [range(a, b) for a, b in _even(n, parts)]
+    return [range(a, b) for a, b in split_even(n, parts)]
 
 
 def band_options(h: int, w: int, tiles: int) -> list[int]:
@@ -217,7 +212,7 @@ def band_options(h: int, w: int, tiles: int) -> list[int]:
     return sorted(opts)
 
 
-def _proportional(sizes: list[int], times: list[float], total: int) -> list[int]:
+def proportional(sizes: list[int], times: list[float], total: int) -> list[int]:
     """New integer sizes (>= 1, summing to ``total``) proportional to each part's rate."""
     rates = [s / max(t, 1e-12) for s, t in zip(sizes, times)]
     k = sum(rates)
@@ -247,7 +242,7 @@ def rebalance(layout: Layout, owner: list[int], cost: CostFn, iterations: int = 
         for ws in cur.widths:
             t = cur_t[k:k + len(ws)]
             w = sum(ws)
-            widths.append(_proportional(ws, t, w) if len(ws) > 1 else list(ws))
+            widths.append(proportional(ws, t, w) if len(ws) > 1 else list(ws))
             k += len(ws)
         trial = Layout(list(cur.heights), widths)
         trial_t = evaluate(trial)
@@ -256,7 +251,7 @@ def rebalance(layout: Layout, owner: list[int], cost: CostFn, iterations: int = 
             band_t.append(max(trial_t[k:k + len(ws)]))
             k += len(ws)
         if len(trial.heights) > 1:
-            trial = Layout(_proportional(trial.heights, band_t, h), trial.widths)
+            trial = Layout(proportional(trial.heights, band_t, h), trial.widths)
             trial_t = evaluate(trial)
         if trial.heights == cur.heights and trial.widths == cur.widths:
             break

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from .geometry import Interval
 from .units import BlockGeom
 
@@ -57,6 +59,32 @@ class Cluster:
             devs.append(replace(d, name=f"{d.name}+{len(devs)}"))
             i += 1
         return replace(self, devices=tuple(devs), name=f"{self.name}[{n}]")
+
+
+class DeviceArrays:
+    """The cluster's cost model as arrays, so AWAS bids are priced for all devices at once."""
+
+    def __init__(self, cluster: Cluster):
+        devs = cluster.devices
+        self.inv_speed = np.array([1.0 / d.flops_per_s for d in devs])
+        self.overhead = np.array([d.overhead_s for d in devs])
+        self.latency = np.array([0.0] + [d.latency_s for d in devs[1:]])
+        self.inv_bw = np.array([0.0] + [1.0 / d.bandwidth_Bps for d in devs[1:]])
+        self._scalar = list(zip(self.inv_speed.tolist(), self.overhead.tolist(),
+                                self.latency.tolist(), self.inv_bw.tolist()))
+
+    def matrix(self, devices, works: np.ndarray) -> np.ndarray:
+        """Finish time of tile t (row of ``works``: flops, in_bytes, out_bytes) on each device."""
+        d = np.asarray(devices)
+        flops, in_b, out_b = works[:, 0:1], works[:, 1:2], works[:, 2:3]
+        link = (self.latency[d] * ((in_b > 0).astype(float) + (out_b > 0))
+                + (in_b + out_b) * self.inv_bw[d])
+        return flops * self.inv_speed[d] + self.overhead[d] + link
+
+    def time(self, device: int, flops: float, in_b: float, out_b: float) -> float:
+        inv_speed, overhead, lat, inv_bw = self._scalar[device]
+        link = (lat if in_b > 0 else 0.0) + (lat if out_b > 0 else 0.0) + (in_b + out_b) * inv_bw
+        return flops * inv_speed + overhead + link
 
 
 def tile_times(geom: BlockGeom, dev: Device, is_coordinator: bool, rows: Interval,

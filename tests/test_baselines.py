@@ -167,7 +167,7 @@ def test_edgeld_blocks_are_resnet_stages(strategy):
 @pytest.mark.parametrize("name,chw", MODELS)
 def test_edgeld_refinement_only_helps(name, chw):
     from edgeci_mpi.strategies.baseline_common import rect_times, speed_strips
-    from edgeci_mpi.strategies.edgeci import DeviceArrays
+    from edgeci_mpi.cost import DeviceArrays
     from edgeci_mpi.units import BlockGeom
     _, mg = traced(name, chw)
     cluster = load_cluster("hetero4")

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..awas import _proportional
-from ..cost import Cluster
+from ..awas import proportional
+from ..cost import Cluster, DeviceArrays
 from ..geometry import Interval, split_sizes
 from ..units import BlockGeom, ModelSpec, UnitSpec
-from .edgeci import DeviceArrays
 
 Rect = tuple[int, Interval, Interval]
 
@@ -26,7 +25,7 @@ def fastest(cluster: Cluster, k: int | None = None,
 
 def speed_shares(total: int, speeds: Sequence[float]) -> list[int]:
     """Integer sizes (>= 1 each, summing to ``total``) proportional to ``speeds``."""
-    return _proportional([1] * len(speeds), [1.0 / s for s in speeds], total)
+    return proportional([1] * len(speeds), [1.0 / s for s in speeds], total)
 
 
 def strip_rects(devices: Sequence[int], heights: Sequence[int], w: int) -> list[Rect]:

@@ -18,11 +18,10 @@ from __future__ import annotations
 import math
 
 from ..awas import even_layout
-from ..cost import Cluster
+from ..cost import Cluster, DeviceArrays
 from ..plan import Plan
 from ..units import BlockGeom, ModelSpec
 from .common import finish_plan, make_block, whole_block
-from .edgeci import DeviceArrays
 
 DOWNSAMPLE = 8
 

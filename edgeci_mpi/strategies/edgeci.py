@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..awas import awas
-from ..cost import Cluster
+from ..cost import Cluster, DeviceArrays
 from ..dpfl import dpfl
 from ..plan import Block, Plan
 from ..units import BlockGeom, ModelSpec
@@ -26,32 +26,6 @@ def k_candidates(n: int, cells: int) -> list[int]:
     ladder = [16, 32, 64, 128, 256]
     ks = sorted(set(range(2, min(n, 8) + 1)) | {k for k in ladder if k < n} | {n})
     return [k for k in ks if k <= cells]
-
-
-class DeviceArrays:
-    """The cluster's cost model as arrays, so AWAS bids are priced for all devices at once."""
-
-    def __init__(self, cluster: Cluster):
-        devs = cluster.devices
-        self.inv_speed = np.array([1.0 / d.flops_per_s for d in devs])
-        self.overhead = np.array([d.overhead_s for d in devs])
-        self.latency = np.array([0.0] + [d.latency_s for d in devs[1:]])
-        self.inv_bw = np.array([0.0] + [1.0 / d.bandwidth_Bps for d in devs[1:]])
-        self._scalar = list(zip(self.inv_speed.tolist(), self.overhead.tolist(),
-                                self.latency.tolist(), self.inv_bw.tolist()))
-
-    def matrix(self, devices, works: np.ndarray) -> np.ndarray:
-        """Finish time of tile t (row of ``works``: flops, in_bytes, out_bytes) on each device."""
-        d = np.asarray(devices)
-        flops, in_b, out_b = works[:, 0:1], works[:, 1:2], works[:, 2:3]
-        link = (self.latency[d] * ((in_b > 0).astype(float) + (out_b > 0))
-                + (in_b + out_b) * self.inv_bw[d])
-        return flops * self.inv_speed[d] + self.overhead[d] + link
-
-    def time(self, device: int, flops: float, in_b: float, out_b: float) -> float:
-        inv_speed, overhead, lat, inv_bw = self._scalar[device]
-        link = (lat if in_b > 0 else 0.0) + (lat if out_b > 0 else 0.0) + (in_b + out_b) * inv_bw
-        return flops * inv_speed + overhead + link
 
 
 def best_for_share(arr: DeviceArrays, n: int, whole: tuple[float, float, float],

@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 
 from ..awas import band_options, even_layout
-from ..cost import Cluster
+from ..cost import Cluster, DeviceArrays
 from ..dpfl import dpfl
 from ..plan import Block, Plan
 from ..units import BlockGeom, ModelSpec
 from .edgeci import best_for_share
 from .common import finish_plan, make_block, whole_block
-from .edgeci import DeviceArrays, k_candidates
+from .edgeci import k_candidates
 
 
 def equal_rects(h: int, w: int, devices: list[int]):

@@ -7,12 +7,12 @@ best devices).  Comparing it with ``edgeci`` isolates what DPFL's choice of bloc
 """
 from __future__ import annotations
 
-from ..cost import Cluster
+from ..cost import Cluster, DeviceArrays
 from ..plan import Plan
 from ..units import ModelSpec
 from .baseline_common import stage_blocks
 from .common import finish_plan
-from .edgeci import DeviceArrays, edgeci_block
+from .edgeci import edgeci_block
 
 
 def plan_edgeci_fixed(spec: ModelSpec, cluster: Cluster) -> Plan:

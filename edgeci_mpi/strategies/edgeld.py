@@ -13,12 +13,11 @@ predicted finish time (compute + links).
 """
 from __future__ import annotations
 
-from ..cost import Cluster
+from ..cost import Cluster, DeviceArrays
 from ..plan import Plan
 from ..units import BlockGeom, ModelSpec
 from .baseline_common import Rect, rect_times, speed_strips, stage_blocks, strip_rects
 from .common import finish_plan, make_block
-from .edgeci import DeviceArrays
 
 
 def refine_strips(arr: DeviceArrays, geom: BlockGeom, rects: list[Rect]) -> list[Rect]:
