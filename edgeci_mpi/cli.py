@@ -48,40 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grow or shrink the cluster to N devices (several N: a sweep)")
     s.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
 
-    try:
-        from .runtime.app import add_run_arguments
-    except ImportError:  # pragma: no cover - runtime not importable (no mpi4py)
-        add_run_arguments = None
-    if add_run_arguments is not None:
-        r = sub.add_parser("run", help="distributed inference under mpirun")
-        add_model_arguments(r)
-        add_run_arguments(r)
+    from .runtime.args import add_run_arguments, quiet_error
+
+    r = sub.add_parser("run", help="distributed inference under mpirun")
+    add_model_arguments(r)
+    add_run_arguments(r)
     from .experiments import add_experiment_parsers  # sweep, report
     from .launch import add_launch_parser
 
     add_experiment_parsers(sub)
     add_launch_parser(sub)
-    if add_run_arguments is not None:  # under mpiexec, usage errors print on rank 0 only
-        from .runtime.app import _quiet_error
-
-        for parser in (ap, *sub.choices.values()):
-            parser.error = _quiet_error(parser)  # type: ignore[method-assign]
+    for parser in (ap, *sub.choices.values()):  # under mpiexec, usage errors print on rank 0 only
+        parser.error = quiet_error(parser)  # type: ignore[method-assign]
     return ap
-
-
-def load_model_graph(model: str, input_text: str | None, seed: int = 0,
-                     weights: str | None = None):
-    """Build and trace the model: (module, ModelGraph)."""
-    from .graph import trace
-    from .models import build_model, default_input, parse_input
-
-    chw = parse_input(input_text) if input_text else default_input(model)
-    m = build_model(model, seed=seed, weights=weights)
-    return m, trace(m, chw, name=model)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .cluster import list_presets, load_cluster
+    from .models import load_model_graph
     from .strategies import make_plan
 
     if args.list_presets:
@@ -108,6 +92,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from .cluster import load_cluster
+    from .models import load_model_graph
     from .simulate import simulate
     from .strategies import make_plan, parse_strategies
 

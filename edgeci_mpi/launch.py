@@ -468,7 +468,8 @@ def launch_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``edgeci-launch`` console script: ``edgeci-launch -n 4 -- run ...``."""
-    from .cli import main as cli_main
-
-    return cli_main(["launch", *(sys.argv[1:] if argv is None else argv)])
+    """The ``edgeci-launch`` console script: ``edgeci-launch -n 4 -- run ...`` (the same parser
+    as ``edgeci-mpi launch``; this module never imports the CLI above it)."""
+    ap = argparse.ArgumentParser(prog="edgeci-launch")
+    add_launch_parser(ap.add_subparsers(dest="command", required=True))
+    return launch_main(ap.parse_args(["launch", *(sys.argv[1:] if argv is None else argv)]))

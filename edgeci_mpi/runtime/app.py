@@ -22,8 +22,6 @@ Ranks beyond what a plan uses simply get no tiles and idle until the stop comman
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -35,68 +33,9 @@ from ..cost import Cluster, Device
 from ..plan import Plan
 from .failure import (EXIT_USAGE, EXIT_VERIFY, Injection, JobFailed, Outcome, RunError, agree,
                       checked, error_line, run_guarded)
-from .zoo import ALIASES, PRETRAINED
+from ..models import PRETRAINED, check_model_name, resolve_model
 
 VERIFY_RTOL = 1e-4  # |distributed - single| <= 1e-4 x max |single| (issue 3, item 6)
-
-
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.error = _quiet_error(p)  # type: ignore[method-assign]
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--image", metavar="FILE", help="classify this image file (PNG, JPEG, ...)")
-    src.add_argument("--image-dir", metavar="DIR", help="stream every image file in DIR")
-    src.add_argument("--images", type=int, metavar="N",
-                     help="stream N seeded random images (default: 1)")
-    p.add_argument("--warmup", type=int, default=1, metavar="K",
-                   help="untimed runs of the first image before timing (default 1)")
-    p.add_argument("--verify", action="store_true",
-                   help="also run model(x) on rank 0; exit 3 if outputs differ by more than "
-                        "1e-4 x max|output|")
-    p.add_argument("--json", metavar="OUT", help="write the full run record as JSON")
-    p.add_argument("--reprofile", action="store_true",
-                   help="measure capabilities again instead of using the per-host cache")
-    p.add_argument("--threads", type=int, default=None, metavar="T",
-                   help="torch threads per rank (default: cores / ranks on the host, >= 1)")
-    p.add_argument("--watchdog", type=float, default=300.0, metavar="S",
-                   help="abort if any single wait on other ranks exceeds S seconds (0 = never)")
-    p.add_argument("--plan", metavar="FILE", default=None,
-                   help="also run this plan (JSON from `edgeci-mpi plan --json`, made for this "
-                        "model, input and number of ranks) after the --strategy plans")
-    p.add_argument("--links", choices=("measured", "ignore"), default="measured",
-                   help="plan with the measured (or emulated) links, or as if every link were "
-                        "free ('ignore': the link-blind baseline; runs still pay the real links)")
-    p.add_argument("--results", metavar="FILE", default=None,
-                   help="append each finished image's results to FILE (JSON lines) as it lands")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the stream in --results FILE: images already there are skipped")
-    p.add_argument("--no-adapt", dest="adapt", action="store_false",
-                   help="keep the first plans even if a device changes speed mid-stream "
-                        "(default: notice stragglers from measured tile times and re-plan)")
-    p.add_argument("--inject-failure", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--inject-slowdown", default=None, help=argparse.SUPPRESS)
-    p.epilog = ("--strategy also takes a comma list or 'all': every plan runs the same images "
-                "in one job, interleaved image by image.  Every rank must see the same files (model factory, weights, "
-                "cluster file); images are read on rank 0 only.")
-
-
-def launcher_rank() -> int:
-    """This process's rank as the launcher tells it (before MPI is initialised), else 0."""
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        v = os.environ.get(var)
-        if v and v.isdigit():
-            return int(v)
-    return 0
-
-
-def _quiet_error(p: argparse.ArgumentParser):
-    """argparse errors: every rank exits 2 (MPI is not started yet, so nobody waits), but only
-    rank 0 prints the usage message."""
-    def error(message: str):
-        if launcher_rank() == 0:
-            p.print_usage(sys.stderr)
-            print(f"{p.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-    return error
 
 
 @dataclass
@@ -258,26 +197,6 @@ def stream_images(runners, adapters, stream, model, record, log, warmup: int, re
 
 # --- phase 1: validation ------------------------------------------------------------------------
 
-def resolve_model(name: str) -> str:
-    """The builder or ``package.module:factory`` behind a ``--model`` name (aliases applied)."""
-    return ALIASES.get(name, name)
-
-
-def check_model_name(name: str) -> None:
-    """Cheap check that ``name`` can be built, without building it."""
-    from ..models import ModelError, build_model, torchvision_names
-
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise ModelError(f"cannot import model factory {name!r}: {e}") from None
-    elif name not in torchvision_names():
-        build_model(name)  # raises ModelError with build_model's hint
-        raise ModelError(f"unknown model {name!r}")  # pragma: no cover
-
-
 def parse_strategies(text: str) -> list[str]:
     from ..strategies import parse_strategies as parse
 
@@ -392,8 +311,3 @@ def _build(setup: Setup, args, build_model, trace):
     m = build_model(setup.model, seed=args.seed, weights=args.weights)
     return m, trace(m, setup.chw, name=setup.label)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from ..cli import main
-
-    raise SystemExit(main(["run", *sys.argv[1:]]))

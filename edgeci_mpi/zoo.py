@@ -12,8 +12,8 @@ every padded conv replaced by an exactly equivalent ``nn.Conv2d``:
   larger whose first row/column is zero, with ``padding=p + 1``: the window then starts one
   pixel earlier, that pixel meets the zero tap, and the output size is unchanged.
 
-Use it as ``--model efficientnet_lite0`` (alias in ``runtime.app``) or
-``--model edgeci_mpi.runtime.zoo:efficientnet_lite0``.
+Use it as ``--model efficientnet_lite0`` (alias in ``models.ALIASES``) or
+``--model edgeci_mpi.zoo:efficientnet_lite0``.
 """
 from __future__ import annotations
 
@@ -21,13 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models import ModelError
-
-#: ``--model`` names that map to factories here.
-ALIASES = {"efficientnet_lite0": "edgeci_mpi.runtime.zoo:efficientnet_lite0"}
-
-#: Factories whose weights are real (the summary then prints top-5 classes).
-PRETRAINED = {"edgeci_mpi.runtime.zoo:efficientnet_lite0"}
+from .models import ModelError
 
 
 def _same_pads(m: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
