@@ -1,10 +1,17 @@
-"""Cost model: device compute and link models, and predicted tile and block times.
+"""Cost model: devices, links, and the one schedule of a block that everything prices with.
 
-Per device (issue 2, item 3): compute ``t = a * flops + b`` (``a = 1 / flops_per_s``,
-``b = overhead_s`` per block call) and a link to the coordinator ``t = latency + bytes /
-bandwidth``.  The coordinator (device 0) has no link cost to itself.  A tile's predicted time is
-scatter of its input region + compute of its region with halo + gather of its output; a block's
-time is its slowest device (paper, AWAS: makespan).
+Per device: compute ``t = work / flops_per_s + overhead_s`` per block call, where work is the
+model's calibrated work (``units.Calibration``: reference FLOPs, measured on the model's own
+units; raw FLOPs with static op weights when uncalibrated), and a link to the coordinator
+``t = latency + bytes / bandwidth``.  Devices of one host share its cores (:func:`contention`).
+The coordinator (device 0) has no link cost to itself but pays for slicing input regions out
+of its map and stitching output tiles in (``copy_s_per_byte``).
+
+:func:`schedule` lays a block out in a star (the coordinator's one link carries every
+transfer in turn): the planners price blocks with it (``strategies.common.make_block``), the
+simulator replays plans with it (``simulate.py``) and the emulator delays emulated links by it
+(``runtime.emulate``) - one model, so a plan's prediction, its simulation and its emulation
+cannot drift apart.  :class:`DeviceArrays` is the same device model as arrays, for AWAS bids.
 """
 from __future__ import annotations
 
@@ -13,18 +20,22 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .geometry import Interval
+from .plan import Block
 from .units import BlockGeom
 
 
 @dataclass(frozen=True)
 class Device:
     name: str
-    flops_per_s: float                 # effective FLOP/s of this device on conv work
+    flops_per_s: float                 # work per second, alone on its cores (reference FLOPs)
     overhead_s: float = 0.0            # fixed cost of one block call
     bandwidth_Bps: float = float("inf")  # link to the coordinator, bytes/s
     latency_s: float = 0.0
     memory_bytes: int = 0              # 0 = unknown
     emulated: bool = False             # modelled, not measured
+    host: str = ""                     # devices of one host share its cores ...
+    host_slots: float = 0.0            # ... this many compute at full speed at once (0: own cores)
+    copy_s_per_byte: float = 0.0       # coordinator: slicing a region out / stitching one in
 
     def compute_time(self, flops: float) -> float:
         return flops / self.flops_per_s + self.overhead_s
@@ -87,45 +98,118 @@ class DeviceArrays:
         return flops * inv_speed + overhead + link
 
 
-def tile_times(geom: BlockGeom, dev: Device, is_coordinator: bool, rows: Interval,
-               cols: Interval) -> tuple[float, float, float, float]:
-    """(flops, send_s, compute_s, recv_s) of one tile on one device."""
-    flops, in_b, out_b = geom.tile_work(rows, cols)
-    if is_coordinator:
-        return flops, 0.0, dev.compute_time(flops), 0.0
-    return flops, dev.link_time(in_b), dev.compute_time(flops), dev.link_time(out_b)
+Item = tuple[int, float, float, float]  # (device, work, input bytes, output bytes) of a tile
 
 
-def schedule_time(cluster: Cluster, items: list[tuple[int, float, float, float]]) -> float:
-    """Time of one block whose tiles ``(device, flops, in_bytes, out_bytes)`` run in a star:
-    the coordinator's one link carries every scatter, one behind another in the order given,
-    and every gather, in the order the tiles finish; each device computes its tiles in turn
-    as their inputs arrive, the coordinator its own meanwhile.  This is the shared-link model
-    of ``simulate.py``; planners use it to price whole blocks."""
+def contention(cluster: Cluster, devices) -> dict[int, float]:
+    """Slow-down of each of ``devices`` computing at once: ranks of one host share its cores,
+    so ``a`` of them active on a host with ``host_slots`` full-speed slots each run
+    ``max(1, a / host_slots)`` times slower (4 ranks on 2 cores: 2x while all compute, 1x for a
+    block only the coordinator runs)."""
     devs = cluster.devices
-    link = 0.0
-    ends: list[tuple[float, int, float]] = []
+    active: dict[str, int] = {}
+    for d in set(devices):
+        if devs[d].host_slots > 0:
+            active[devs[d].host] = active.get(devs[d].host, 0) + 1
+    return {d: max(1.0, active[devs[d].host] / devs[d].host_slots) if devs[d].host_slots > 0
+            else 1.0 for d in set(devices)}
+
+
+def tile_times(geom: BlockGeom, dev: Device, is_coordinator: bool, rows: Interval,
+               cols: Interval, slowdown: float = 1.0) -> tuple[float, float, float, float]:
+    """(work, send_s, compute_s, recv_s) of one tile on one device."""
+    flops, in_b, out_b = geom.tile_work(rows, cols)
+    comp = dev.compute_time(flops) * slowdown
+    if is_coordinator:
+        return flops, 0.0, comp, 0.0
+    return flops, dev.link_time(in_b), comp, dev.link_time(out_b)
+
+
+def block_items(block: Block, bytes_per_element: int) -> list[Item]:
+    """The schedule's view of a planned block: each tile's device, work and transfer sizes
+    (elements x ``bytes_per_element`` of the tensors that travel)."""
+    ci, co = block.in_chw[0], block.out_chw[0]
+    return [(t.device, t.flops, ci * t.in_hw[0] * t.in_hw[1] * bytes_per_element,
+             co * t.out_hw[0] * t.out_hw[1] * bytes_per_element) for t in block.tiles]
+
+
+@dataclass
+class Timeline:
+    """One block in the star, as :func:`schedule` lays it out (seconds from the block's start)."""
+
+    arrive: list[float]    # per item: when its input is on its device (0 on the coordinator)
+    end: list[float]       # per item: when its compute ends
+    finish: float          # the last output stitched into the coordinator's map
+    link_busy: float       # the coordinator's link carrying transfers
+
+
+def whole_on_coordinator(cluster: Cluster, items: list[Item]) -> bool:
+    """A block that is one tile on the coordinator: no slicing, no stitching."""
+    return len(items) == 1 and items[0][0] == 0
+
+
+def schedule(cluster: Cluster, items: list[Item], whole: bool | None = None) -> Timeline:
+    """The one timing model of a block in a star (planners, simulator and emulation all call
+    it).  The coordinator slices every remote tile's input region out of its map, then its one
+    link carries every scatter, one behind another in the order given, and every gather, in
+    the order the tiles finish; each device computes its tiles in turn as their inputs
+    arrive (slowed by :func:`contention`), the coordinator its own meanwhile; the outputs are
+    stitched into the block's map at the end.  ``whole``: the block is the coordinator's one
+    tile (default: decided from ``items``), which needs neither slicing nor stitching."""
+    devs = cluster.devices
+    whole = whole_on_coordinator(cluster, items) if whole is None else whole
+    copy = 0.0 if whole else devs[0].copy_s_per_byte
+    slow = contention(cluster, [d for d, *_ in items])
+    link = sum(in_b for d, _, in_b, _ in items if d != 0) * copy
+    start = link
+    arrive, end, busy = [], [], 0.0
     free: dict[int, float] = {}
     for d, flops, in_b, out_b in items:
         if d != 0:
-            link += devs[d].link_time(in_b)
-            arrive = link
+            t = devs[d].link_time(in_b)
+            link += t
+            busy += t
+            arrive.append(link)
         else:
-            arrive = 0.0
-        end = max(arrive, free.get(d, 0.0)) + devs[d].compute_time(flops)
-        free[d] = end
-        ends.append((end, d, out_b))
+            arrive.append(start)
+        e = max(arrive[-1], free.get(d, 0.0)) + devs[d].compute_time(flops) * slow[d]
+        free[d] = e
+        end.append(e)
     finish = 0.0
-    for end, d, out_b in sorted(ends):
+    for e, k in sorted((e, k) for k, e in enumerate(end)):
+        d, out_b = items[k][0], items[k][3]
         if d == 0:
-            finish = max(finish, end)
+            finish = max(finish, e)
         else:
-            link = max(link, end) + devs[d].link_time(out_b)
+            t = devs[d].link_time(out_b)
+            link = max(link, e) + t
+            busy += t
             finish = max(finish, link)
+    finish += sum(out_b for *_, out_b in items) * copy
+    return Timeline(arrive, end, finish, busy)
+
+
+def schedule_time(cluster: Cluster, items: list[Item]) -> float:
+    """Time of one block whose tiles ``(device, work, in_bytes, out_bytes)`` run in a star
+    (:func:`schedule`); planners use it to price whole blocks."""
+    return schedule(cluster, items).finish
+
+
+def gather_finish(cluster: Cluster, items: list[Item], link_free: float,
+                  ends: dict[int, float]) -> float:
+    """When the last remote output is in, given when each remote item's compute really ended
+    (``ends``, by item index) and when the coordinator's link came free after the scatter: the
+    gather queue of :func:`schedule`, replayed on measured ends (the emulator's gather)."""
+    devs = cluster.devices
+    link, finish = link_free, 0.0
+    for e, k in sorted((e, k) for k, e in ends.items()):
+        d, out_b = items[k][0], items[k][3]
+        link = max(link, e) + devs[d].link_time(out_b)
+        finish = max(finish, link)
     return finish
 
 
-def send_order(items: list[tuple[int, float, float, float]], cluster: Cluster) -> list[int]:
+def send_order(items: list[Item], cluster: Cluster) -> list[int]:
     """Scatter order for a block: the coordinator's own tiles need no transfer; the others go
     out longest compute first, so the slowest tiles start earliest (as in Johnson's rule)."""
     devs = cluster.devices

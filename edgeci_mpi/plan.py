@@ -67,6 +67,7 @@ class Plan:
     predicted_s: float = 0.0
     planning_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    bytes_per_element: int = 4  # of the tensors that travel (float32)
 
     # --- JSON -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -90,7 +91,8 @@ class Plan:
                                 tuple(b["out_chw"]), tiles, float(b["predicted_s"])))
         return Plan(d["model"], tuple(d["input_chw"]), d["strategy"], d["cluster"],
                     list(d["devices"]), blocks, float(d["head_s"]), float(d["predicted_s"]),
-                    float(d.get("planning_s", 0.0)), list(d.get("notes", [])))
+                    float(d.get("planning_s", 0.0)), list(d.get("notes", [])),
+                    int(d.get("bytes_per_element", 4)))
 
     @staticmethod
     def from_json(text: str) -> "Plan":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cost import Cluster, schedule_time
+from .cost import Cluster, block_items, schedule
 from .plan import Plan
 
 
@@ -44,13 +44,8 @@ def simulate(plan: Plan, cluster: Cluster) -> SimResult:
     sims = []
     total = 0.0
     for block in plan.blocks:
-        bpe = 4
-        items = [(t.device, t.flops, block.in_chw[0] * t.in_hw[0] * t.in_hw[1] * bpe,
-                  block.out_chw[0] * t.out_hw[0] * t.out_hw[1] * bpe) for t in block.tiles]
-        took = schedule_time(cluster, items)
-        busy = sum(cluster.devices[d].link_time(i) + cluster.devices[d].link_time(o)
-                   for d, _, i, o in items if d != 0)
-        sims.append(BlockSim(block.name, block.predicted_s, took, busy))
-        total += took
+        timeline = schedule(cluster, block_items(block, plan.bytes_per_element))
+        sims.append(BlockSim(block.name, block.predicted_s, timeline.finish, timeline.link_busy))
+        total += timeline.finish
     total += plan.head_s
     return SimResult(plan.strategy, plan.predicted_s, total, sims)

@@ -5,7 +5,7 @@ only ever use this module's types, so they run without torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from .geometry import Interval, OpGeom, need_intervals
@@ -22,10 +22,41 @@ class UnitSpec:
     in_chw: CHW
     out_chw: CHW
     weight_bytes: int = 0
+    fixed_work: float = 0.0   # work of one call of this unit whatever its tile (calibrated)
 
     @property
     def flops(self) -> float:
         return sum(op.flops_per_pixel * op.out_hw[0] * op.out_hw[1] for op in self.ops)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the model's own units cost on the reference device, as measured (issue 11).
+
+    Work is counted in *reference FLOPs*: seconds on the reference device times its FLOP/s
+    ``reference_flops_per_s`` (the dense-conv speed it reports), so a device of ``g`` FLOP/s
+    takes ``work / g`` seconds and cluster files' ``gflops`` keep their meaning.  Unit ``u``'s
+    measured time on a tile is ``scale[u] * flops / reference_flops_per_s + fixed_s[u]``,
+    fitted over a few tile sizes (``runtime.profile.calibrate``); the head is timed whole.
+    """
+
+    reference_flops_per_s: float
+    scale: tuple[float, ...]
+    fixed_s: tuple[float, ...]
+    head_s: float
+    source: str = ""
+
+    def apply(self, spec: "ModelSpec") -> "ModelSpec":
+        """``spec`` with every op's work scaled and every unit's fixed work set."""
+        if len(self.scale) != len(spec.units) or len(self.fixed_s) != len(spec.units):
+            raise ValueError(f"calibration has {len(self.scale)} units, the model "
+                             f"{len(spec.units)}")
+        ref = self.reference_flops_per_s
+        units = tuple(replace(u, ops=tuple(replace(op, flops_per_pixel=op.flops_per_pixel * k)
+                                           for op in u.ops), fixed_work=f * ref)
+                      for u, k, f in zip(spec.units, self.scale, self.fixed_s))
+        return replace(spec, units=units, head_flops=self.head_s * ref,
+                       notes=spec.notes + (f"calibrated: {self.source}",))
 
 
 @dataclass(frozen=True)
@@ -59,6 +90,7 @@ class ChainGeom:
         self.units = units
         self.bpe = bytes_per_element
         self._fpp = [[op.flops_per_pixel for op in u.ops] for u in units]
+        self._fixed = [u.fixed_work for u in units]
         self._need: dict = {}
         self._flops: dict = {}
 
@@ -78,7 +110,7 @@ class ChainGeom:
             r_in, rl = self.unit_need(u, 0, rows)
             c_in, cl = self.unit_need(u, 1, cols)
             fpp = self._fpp[u]
-            flops = 0.0
+            flops = self._fixed[u] if rows[1] > rows[0] and cols[1] > cols[0] else 0.0
             for i in range(len(fpp)):
                 flops += fpp[i] * rl[i] * cl[i]
             hit = self._flops[key] = (flops, r_in, c_in)
@@ -112,17 +144,21 @@ def block_ops(units: tuple[UnitSpec, ...] | list[UnitSpec], start: int, stop: in
 
 @dataclass(eq=False)
 class BlockGeom:
-    """Geometry and work of one candidate block; per-axis backward passes are memoised, since
-    planners ask for the same tile rows and columns many times."""
+    """Geometry and work of the candidate block ``units[start:stop]`` of a model; the work and
+    input regions come from the chain's per-unit memo (:class:`ChainGeom`), the per-op
+    intervals the executor needs from this block's own memo."""
 
     ops: tuple[OpGeom, ...]
     in_chw: CHW
     out_chw: CHW
+    chain: ChainGeom
+    start: int
+    stop: int
     bytes_per_element: int = 4
     _memo: dict = field(default_factory=dict, repr=False)
-    _chain: tuple | None = field(default=None, repr=False)  # (ChainGeom, start, stop)
 
     def need(self, axis: int, out: Interval) -> tuple[Interval, tuple[Interval, ...]]:
+        """(input interval, per-op output intervals) along ``axis`` for output ``out``."""
         key = (axis, out)
         hit = self._memo.get(key)
         if hit is None:
@@ -130,46 +166,15 @@ class BlockGeom:
             self._memo[key] = hit
         return hit
 
-    def _work_axis(self, axis: int, out: Interval):
-        key = ("w", axis, out)
-        hit = self._memo.get(key)
-        if hit is None:
-            iv, per_op = self.need(axis, out)
-            hit = (iv, [b - a for a, b in per_op])
-            self._memo[key] = hit
-        return hit
-
     @staticmethod
     def of(model: ModelSpec, start: int, stop: int) -> "BlockGeom":
         return BlockGeom(block_ops(model.units, start, stop), model.units[start].in_chw,
-                         model.units[stop - 1].out_chw, model.bytes_per_element,
-                         _chain=(model.chain, start, stop))
-
-    @property
-    def _fpp(self) -> list[float]:
-        fpp = self._memo.get("fpp")
-        if fpp is None:
-            fpp = self._memo["fpp"] = [op.flops_per_pixel for op in self.ops]
-        return fpp
+                         model.units[stop - 1].out_chw, model.chain, start, stop,
+                         model.bytes_per_element)
 
     def input_region(self, rows: Interval, cols: Interval) -> tuple[Interval, Interval]:
-        if self._chain is not None:
-            chain, start, stop = self._chain
-            return chain.tile_work(start, stop, rows, cols)[3:]
-        return self.need(0, rows)[0], self.need(1, cols)[0]
+        return self.chain.tile_work(self.start, self.stop, rows, cols)[3:]
 
     def tile_work(self, rows: Interval, cols: Interval) -> tuple[float, int, int]:
-        """(FLOPs including halo recomputation, input bytes, output bytes) of one tile."""
-        if self._chain is not None:
-            chain, start, stop = self._chain
-            return chain.tile_work(start, stop, rows, cols)[:3]
-        (r0, r1), rn = self._work_axis(0, rows)
-        (c0, c1), cn = self._work_axis(1, cols)
-        fpp = self._fpp
-        flops = 0.0
-        for i in range(len(fpp)):
-            flops += fpp[i] * rn[i] * cn[i]
-        bpe = self.bytes_per_element
-        in_bytes = self.in_chw[0] * (r1 - r0) * (c1 - c0) * bpe
-        out_bytes = self.out_chw[0] * (rows[1] - rows[0]) * (cols[1] - cols[0]) * bpe
-        return flops, in_bytes, out_bytes
+        """(work including halo recomputation, input bytes, output bytes) of one tile."""
+        return self.chain.tile_work(self.start, self.stop, rows, cols)[:3]

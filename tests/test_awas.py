@@ -8,7 +8,7 @@ import pytest
 from edgeci_mpi.awas import (Layout, auction, awas, band_options, bottleneck_assign,
                              even_layout)
 from edgeci_mpi.geometry import OpGeom, Window, split_sizes
-from edgeci_mpi.units import BlockGeom
+from edgeci_mpi.units import BlockGeom, ModelSpec, UnitSpec
 
 
 def brute_sum(c):
@@ -63,7 +63,8 @@ def conv_chain(h: int, w: int, layers: int = 3) -> BlockGeom:
     ops = []
     for i in range(layers):
         ops.append(OpGeom((i - 1,), (h, w), (Window(3, 1, 1), Window(3, 1, 1)), 100.0))
-    return BlockGeom(tuple(ops), (8, h, w), (8, h, w))
+    unit = UnitSpec("chain", tuple(ops), (8, h, w), (8, h, w))
+    return BlockGeom.of(ModelSpec("chain", (8, h, w), (unit,)), 0, 1)
 
 
 def strip_cost(geom: BlockGeom, speeds, link):

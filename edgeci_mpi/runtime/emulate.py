@@ -7,7 +7,9 @@ true``; rank r then *behaves like* device r of the file:
   ``device.compute_time(flops) - t`` if the modelled device is slower than this machine (it
   never speeds anything up; if the model is faster than reality the real time stands);
 * **links are delayed the way the coordinator's one link would delay them** - the same
-  shared-link schedule the planners and the simulator price (``cost.schedule_time``):
+  shared-link schedule the planners and the simulator price (``cost.schedule`` for the
+  scatter, ``cost.gather_finish`` for the gather, on a view of the cluster in which only
+  emulated devices' links cost anything):
 
   - *scatter*: rank 0 sends a block's input regions one behind another in plan order, so the
     input of the k-th remote tile arrives ``sum(link_time(in_j) for j <= k)`` after the block
@@ -35,7 +37,9 @@ import os
 import time
 from dataclasses import dataclass
 
-from ..cost import Cluster, Device
+from dataclasses import replace
+
+from ..cost import Cluster, Device, block_items, gather_finish, schedule
 from ..plan import Block
 from .failure import RunError
 
@@ -47,13 +51,21 @@ class Emulator:
     computes at its own speed, and links to non-emulated devices are real, not delayed.
     """
 
-    def __init__(self, cluster: Cluster | None, rank: int, slowdown: "Slowdown | None" = None):
+    def __init__(self, cluster: Cluster | None, rank: int, slowdown: "Slowdown | None" = None,
+                 bytes_per_element: int = 4):
         devices = cluster.devices if cluster is not None else ()
         self.devices: tuple[Device, ...] = tuple(devices)
         dev = devices[rank] if rank < len(devices) else None
         self.device = dev if dev is not None and dev.emulated else None
         self.rank = rank
         self.slowdown = slowdown
+        self.bytes_per_element = bytes_per_element
+        # The links as emulation delays them: real ones (not emulated) and the coordinator's
+        # real slicing and stitching cost nothing extra.
+        free = dict(bandwidth_Bps=float("inf"), latency_s=0.0)
+        self.view = Cluster("emulated links", tuple(
+            replace(d, copy_s_per_byte=0.0, **({} if self.emulates_link(i) else free))
+            for i, d in enumerate(devices)))
 
     @property
     def active(self) -> bool:
@@ -78,18 +90,12 @@ class Emulator:
             target *= self.slowdown.factor_at(self.rank, image)
         _sleep(target - measured_s)
 
-    # --- the shared link ----------------------------------------------------------------------
+    # --- the shared link ---------------------------------------------------------------------
     def scatter_offsets(self, block: Block) -> dict[int, float]:
         """Tile index -> seconds after the block's start at which its input has arrived over
         the coordinator's link (remote tiles, plan order, one behind another)."""
-        link, out = 0.0, {}
-        c = block.in_chw[0]
-        for ti, t in enumerate(block.tiles):
-            if t.device == 0:
-                continue
-            link += self.link_time(t.device, 4 * c * t.in_hw[0] * t.in_hw[1])
-            out[ti] = link
-        return out
+        timeline = schedule(self.view, block_items(block, self.bytes_per_element), whole=False)
+        return {ti: timeline.arrive[ti] for ti, t in enumerate(block.tiles) if t.device != 0}
 
     def gather_finish(self, block: Block, start: float, ends: dict[int, float],
                       offsets: dict[int, float] | None = None) -> float:
@@ -97,17 +103,11 @@ class Emulator:
         (``ends``, perf_counter stamps) and the block's start: the gather queue replayed.
         ``offsets`` are the block's :meth:`scatter_offsets`, if already at hand."""
         offsets = self.scatter_offsets(block) if offsets is None else offsets
-        link = start + max(offsets.values(), default=0.0)
-        finish = start
-        c = block.out_chw[0]
-        for end, ti in sorted((e, ti) for ti, e in ends.items()):
-            t = block.tiles[ti]
-            if self.emulates_link(t.device):
-                link = max(link, end) + self.link_time(t.device, 4 * c * t.out_hw[0] * t.out_hw[1])
-                finish = max(finish, link)
-            else:
-                finish = max(finish, end)
-        return finish
+        items = block_items(block, self.bytes_per_element)
+        real = {ti: e - start for ti, e in ends.items() if self.emulates_link(block.tiles[ti].device)}
+        finish = max((e - start for ti, e in ends.items() if ti not in real), default=0.0)
+        link_free = max(offsets.values(), default=0.0)
+        return start + max(finish, gather_finish(self.view, items, link_free, real))
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,6 @@ class PlanRunner:
         self.plan = plan
         self.version += 1
         self.max_tiles = max((len(b.tiles) for b in plan.blocks), default=1)
-        self.times: dict[tuple[int, int], list[float]] = defaultdict(list)
         self.last: dict[tuple[int, int], float] = {}
         self.mine = [[ti for ti, t in enumerate(b.tiles) if t.device == self.rank]
                      for b in plan.blocks]
@@ -124,7 +123,6 @@ class PlanRunner:
         y = run.run(x, tile.out_rows, tile.out_cols)
         self.emulator.stretch_compute(tile.flops, time.perf_counter() - t0, image)
         took = time.perf_counter() - t0
-        self.times[bi, ti].append(took)
         self.last[bi, ti] = took
         return y
 
@@ -229,10 +227,6 @@ class PlanRunner:
             seconds = [self.last[key] for key in self.report_keys[self.rank]]
             self.comm.wait(self.comm.send_times(seconds), "rank 0 to take the tile timings")
         self.images_run += 1
-
-    def tile_times(self) -> dict[tuple[int, int], list[float]]:
-        """This rank's measured compute seconds per ``(block, tile)`` of the current plan."""
-        return dict(self.times)
 
 
 def stop_workers(comm) -> None:
