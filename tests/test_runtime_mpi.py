@@ -332,7 +332,7 @@ def test_capability_reports_gathered_and_cached(comm, tmp_path_factory, monkeypa
         assert [r.rank for r in reports] == list(range(comm.size))
         for r in reports:
             assert r.flops_per_s > 1e8 and r.overhead_s >= 0 and r.threads >= 1
-            assert r.flops_per_s <= r.alone_flops_per_s
+            assert r.flops_per_s == r.conv_flops_per_s and 0 < r.cpu_cores <= r.cores + 1
             if r.rank:
                 assert r.latency_s >= 0 and 0 < r.bandwidth_Bps < float("inf")
     assert not first[0].compute_cached and not first[1].link_cached
@@ -340,6 +340,37 @@ def test_capability_reports_gathered_and_cached(comm, tmp_path_factory, monkeypa
     assert not third[0].compute_cached and not third[1].link_cached
     assert second[1].bandwidth_Bps == first[1].bandwidth_Bps
     assert list(Path(base).glob("*.json"))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_reports_calibrate_the_models_units(comm, tmp_path_factory, monkeypatch):
+    """With a model, rank 0's host fits every unit; the devices' speeds come from the hosts'
+    whole-map unit times; a second start takes it all from the cache."""
+    from edgeci_mpi.graph import trace
+    from edgeci_mpi.runtime.profile import calibrated, gather_reports
+
+    base = comm.bcast(str(tmp_path_factory.mktemp("cal")) if comm.rank == 0 else None, "dir")
+    monkeypatch.setenv("EDGECI_CACHE_DIR", base)
+    mg = trace(small_model(), (3, 24, 20), "small")
+    first = gather_reports(comm, mg, "small@3x24x20")
+    second = gather_reports(comm, mg, "small@3x24x20")
+    if comm.rank != 0:
+        return
+    n = len(mg.spec.units)
+    cal = first[0].calibration
+    assert cal is not None and len(cal.scale) == n and len(cal.fixed_s) == n
+    assert all(k >= 0 for k in cal.scale) and cal.head_s > 0
+    assert all(r.unit_s is not None and len(r.unit_s) == n for r in first)
+    devices, got = calibrated(first)
+    assert got == cal and all(d.flops_per_s > 0 and d.host == r.host
+                              for d, r in zip(devices, first))
+    spec = cal.apply(mg.spec)
+    whole = spec.chain.tile_work(0, n, (0, 24), (0, 20))[0]
+    # the calibrated model prices the whole chain near the sum of its measured unit times
+    predicted = whole / devices[0].flops_per_s
+    assert 0.3 * sum(first[0].unit_s) < predicted < 3 * sum(first[0].unit_s)
+    assert all(r.compute_cached for r in second)
+    assert second[0].calibration == cal
 
 
 @pytest.mark.mpi(min_size=2)

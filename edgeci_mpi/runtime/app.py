@@ -30,10 +30,18 @@ from pathlib import Path
 import torch
 
 from ..cost import Cluster, Device
+from ..execute import Executor
+from ..graph import trace
+from ..models import PRETRAINED, build_model, check_model_name, resolve_model, weights_checksum
 from ..plan import Plan
+from ..strategies import make_plan
+from .adapt import Adapter
+from .emulate import Emulator, Slowdown
+from .engine import PlanRunner, serve, stop_workers
 from .failure import (EXIT_USAGE, EXIT_VERIFY, Injection, JobFailed, Outcome, RunError, agree,
                       checked, error_line, run_guarded)
-from ..models import PRETRAINED, check_model_name, resolve_model
+from .profile import calibrated, gather_reports, host_cores
+from .results import RunRecord, summarise, write_json
 
 VERIFY_RTOL = 1e-4  # |distributed - single| <= 1e-4 x max |single| (issue 3, item 6)
 
@@ -60,18 +68,43 @@ def run_main(args: argparse.Namespace) -> int:
 
 
 def _run(comm, args) -> int:
-    from ..execute import Executor
-    from ..models import build_model, weights_checksum
-    from ..graph import trace
-    from ..strategies import make_plan
-    from .adapt import Adapter
-    from .emulate import Emulator, Slowdown
-    from .engine import PlanRunner, serve, stop_workers
-    from .profile import gather_reports, host_cores
-    from .results import RunRecord, summarise, write_json
-
+    """The six phases of the module docstring, one function each."""
     t_job = time.perf_counter()
-    # 1. validate (rank 0), agree, broadcast
+    setup, stream, log = _phase_validate(comm, args)
+    injection = Injection.parse(args.inject_failure)
+    threads = args.threads or max(1, host_cores() // comm.ranks_on_host)
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model, mg, checksum = _phase_build(comm, setup, args)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reports = gather_reports(comm, mg, _model_key(setup), reprofile=args.reprofile)
+    profile_s = time.perf_counter() - t0
+    plans, cluster, seen, spec = _phase_plan(comm, setup, args, mg, reports)
+    emulator = Emulator(cluster, comm.rank, Slowdown.parse(args.inject_slowdown))
+    executor = Executor(mg)
+    runners = [PlanRunner(comm, mg, plan, emulator, executor, injection, k)
+               for k, plan in enumerate(plans)]
+    if comm.rank != 0:
+        serve(comm, runners)
+        return comm.bcast(None, "rank 0's report")
+    record = RunRecord(args=vars(args), setup=setup, ranks=comm.size, threads=threads,
+                       reports=reports, cluster=cluster, checksum=checksum,
+                       build_s=build_s, profile_s=profile_s)
+    adapters = [Adapter(seen) if args.adapt and k < len(setup.strategies) else None
+                for k in range(len(runners))]
+    try:
+        stream_images(runners, adapters, stream, model if args.verify else None, record,
+                      log, args.warmup, lambda c, k: make_plan(spec, c, setup.strategies[k]))
+    finally:
+        if log is not None:
+            log.close()
+    return _phase_report(comm, args, record, t_job)
+
+
+def _phase_validate(comm, args):
+    """1. Rank 0 checks the arguments; every rank gets the Setup (rank 0 also the stream and
+    the results file)."""
     stream = log = None
     outcome = checked(lambda: _validate(args, comm.size)) if comm.rank == 0 else Outcome()
     if comm.rank == 0 and outcome.error is None:
@@ -79,16 +112,13 @@ def _run(comm, args) -> int:
         outcome = Outcome(value=setup)
     agree(comm, outcome, "rank 0 to check the arguments")
     setup: Setup = comm.bcast(outcome.value, "the validated arguments")
-    injection = Injection.parse(args.inject_failure)
+    return setup, stream, log
 
-    threads = args.threads or max(1, host_cores() // comm.ranks_on_host)
-    torch.set_num_threads(threads)
 
-    # 2. build the model on every rank; agree on weights
-    t0 = time.perf_counter()
-    built = checked(lambda: _build(setup, args, build_model, trace))
+def _phase_build(comm, setup: Setup, args):
+    """2. Every rank builds the same model; the ranks agree on a weights checksum."""
+    built = checked(lambda: _build(setup, args))
     model, mg = agree(comm, built, "every rank to build the model")  # type: ignore[misc]
-    build_s = time.perf_counter() - t0
     sums = comm.allgather((comm.host, weights_checksum(model)), "weights checksums")
     bad = [r for r, (_, s) in enumerate(sums) if s != sums[0][1]]
     if bad:
@@ -98,47 +128,37 @@ def _run(comm, args) -> int:
                                            f"{sums[0][1]}: the ranks built different weights"),
                   file=sys.stderr, flush=True)
         raise JobFailed(EXIT_USAGE)
+    return model, mg, sums[0][1]
 
-    # 3. capability reports
-    t0 = time.perf_counter()
-    reports = gather_reports(comm, reprofile=args.reprofile)
-    profile_s = time.perf_counter() - t0
 
-    # 4. plan on rank 0, broadcast as JSON
+def _model_key(setup: Setup) -> str:
+    """What a unit calibration is cached under: the model and its input (weights do not change
+    the time of a dense model)."""
+    return f"{setup.model}@{'x'.join(map(str, setup.chw))}"
+
+
+def _phase_plan(comm, setup: Setup, args, mg, reports):
+    """4. Rank 0 plans every strategy on the calibrated model and the measured (or emulated)
+    devices; the plans reach every rank as JSON."""
     planned = Outcome()
-    cluster = seen = None
+    cluster = seen = spec = None
     if comm.rank == 0:
-        cluster = planning_cluster(setup.cluster, [r.device() for r in reports], comm.size)
+        devices, cal = calibrated(reports)
+        spec = cal.apply(mg.spec) if cal is not None else mg.spec
+        cluster = planning_cluster(setup.cluster, devices, comm.size)
         seen = cluster if args.links == "measured" else without_links(cluster)
-        planned = checked(lambda: [make_plan(mg.spec, seen, s).to_json(indent=None)
+        planned = checked(lambda: [make_plan(spec, seen, s).to_json(indent=None)
                                    for s in setup.strategies] +
-                          ([check_plan_fits(Plan.from_json(setup.plan_json), mg.spec)]
+                          ([check_plan_fits(Plan.from_json(setup.plan_json), spec)]
                            if setup.plan_json is not None else []))
     agree(comm, planned, "rank 0 to plan")
     plans_json, cluster = comm.bcast((planned.value, cluster), "the plans")
-    plans = [Plan.from_json(j) for j in plans_json]
-    emulator = Emulator(cluster, comm.rank, Slowdown.parse(args.inject_slowdown))
+    return [Plan.from_json(j) for j in plans_json], cluster, seen, spec
 
-    # 5. run the plans over the image stream, interleaved image by image (paired timings)
-    executor = Executor(mg)
-    runners = [PlanRunner(comm, mg, plan, emulator, executor, injection, k)
-               for k, plan in enumerate(plans)]
-    if comm.rank != 0:
-        serve(comm, runners)
-        return comm.bcast(None, "rank 0's report")
 
-    # 6. (rank 0) stream, verify, report; everyone leaves with rank 0's exit code
-    record = RunRecord(args=vars(args), setup=setup, ranks=comm.size, threads=threads,
-                       reports=reports, cluster=cluster, checksum=sums[0][1],
-                       build_s=build_s, profile_s=profile_s)
-    adapters = [Adapter(seen) if args.adapt and k < len(setup.strategies) else None
-                for k in range(len(runners))]
-    try:
-        stream_images(runners, adapters, stream, model if args.verify else None, record,
-                      log, args.warmup, lambda c, k: make_plan(mg.spec, c, setup.strategies[k]))
-    finally:
-        if log is not None:
-            log.close()
+def _phase_report(comm, args, record, t_job: float) -> int:
+    """6. Rank 0 stops the workers, prints the summary, writes ``--json``; every rank leaves
+    with rank 0's exit code."""
     stop_workers(comm)
     record.total_s = time.perf_counter() - t_job
     print(summarise(record), flush=True)
@@ -227,7 +247,8 @@ def planning_cluster(file_cluster: Cluster | None, measured: list[Device], ranks
     """Device r is the file's device r where the file emulates it, else rank r's report."""
     if file_cluster is None:
         return Cluster("measured", tuple(measured), source="capability reports")
-    devs = tuple(f if f.emulated else replace(m, name=f"{f.name}@{m.name}")
+    devs = tuple(replace(f, copy_s_per_byte=m.copy_s_per_byte) if f.emulated
+                 else replace(m, name=f"{f.name}@{m.name}")
                  for f, m in zip(file_cluster.devices, measured))
     return replace(file_cluster, devices=devs)
 
@@ -307,7 +328,7 @@ def _results_header(args, setup: Setup) -> dict:
             "cluster": args.cluster, "images": len(setup.image_labels), "labels_sha256": labels}
 
 
-def _build(setup: Setup, args, build_model, trace):
+def _build(setup: Setup, args):
     m = build_model(setup.model, seed=args.seed, weights=args.weights)
     return m, trace(m, setup.chw, name=setup.label)
 

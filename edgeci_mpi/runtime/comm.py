@@ -31,10 +31,13 @@ try:  # MPI_Init happens here; the runtime cannot work without it.
 except ImportError as e:  # pragma: no cover - mpi4py is a hard dependency
     raise ImportError(f"edgeci_mpi.runtime needs mpi4py: {e}") from None
 
-# Tags on the data communicator: 0 is the ping-pong of the capability probe, tile messages use
-# ``tile_tag`` (>= 1).  Control tags on the world communicator:
-TAG_CMD = 11      # rank 0 -> workers: ("image", plan, i), ("plan", k, json) or ("stop",)
-TAG_TIMES = 14    # workers -> rank 0: per-tile compute seconds of one image (12, 13: profile)
+# Every tag the runtime uses.  On the data communicator: 0 is the ping-pong of the capability
+# probe, tile messages use ``tile_tag`` (>= 1).  Control tags on the world communicator:
+TAG_CMD = 11         # rank 0 -> workers: ("image", plan, i), ("plan", k, json) or ("stop",)
+TAG_PROBE_ASK = 12   # rank 0 -> peer: will its link be probed (False: a cached figure is used)
+TAG_LINK = 13        # rank 0 -> peer: that peer's (latency, bandwidth, cached)
+TAG_TIMES = 14       # workers -> rank 0: per-tile compute seconds of one image
+TAG_PING_SIZE = 15   # rank 0 -> peer: the next ping size in bytes, 0 = done
 TAG_PROBE = 0
 
 #: Default watchdog for any single wait (seconds); ``--watchdog`` overrides it.
@@ -164,7 +167,15 @@ class Comm:
     def irecv_times(self, source: int) -> Any:
         return self.world.irecv(source=source, tag=TAG_TIMES)
 
-    # --- raw bytes for the link probe -------------------------------------------------------
+    # --- the link probe (capability reports) -----------------------------------------------
+    def send_control(self, obj: Any, dest: int, tag: int, what: str) -> None:
+        """A small pickled control message of the probe (``TAG_PROBE_ASK``, ``TAG_LINK``,
+        ``TAG_PING_SIZE``), waited for quietly."""
+        self.wait(self.world.isend(obj, dest=dest, tag=tag), what)
+
+    def recv_control(self, source: int, tag: int, what: str) -> Any:
+        return self.wait(self.world.irecv(source=source, tag=tag), what)
+
     def send_bytes(self, a: np.ndarray, dest: int) -> None:
         self.wait(self.data.Isend([a, MPI.BYTE], dest=dest, tag=TAG_PROBE), "ping-pong send")
 

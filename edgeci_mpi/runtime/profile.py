@@ -1,13 +1,16 @@
-"""Capability reports: what each rank measures of itself at start-up (issue 3, item 2).
+"""Capability reports: what each rank measures of itself at start-up (issues 3 and 11).
 
-Compute: a convolution micro-benchmark at four sizes (about 10 to 120 MFLOP), median of three
-runs each, fitted by least squares to the cost model's compute model ``t = a * flops + b``
-(``cost.Device.compute_time``): ``flops_per_s = 1 / a``, ``overhead_s = b``.
-
-The conv fit's intercept is only the cost of launching one conv (microseconds); a block call
-in the runtime also walks the block's graph in Python.  ``overhead_s`` is therefore the larger
-of the intercept and the measured time of one ``BlockRunner`` call on a block of negligible
-work (one 4-channel conv + ReLU on a 2x2 tile), so planners do not treat extra blocks as free.
+**Compute, on the model's own units.**  One conv micro-benchmark cannot price small maps,
+depthwise convs, pools, copies and the executor's per-op Python: on ResNet-18 at 64x64 it
+predicted 3.2 ms for a 17 ms forward.  So the host's measuring rank times what plans actually
+run: every unit of the model, through the same ``BlockRunner`` the runtime calls, on a few
+tile sizes (the whole map and middle row strips of 1/2 and 1/4, halo included), and fits each
+unit's ``t = a * flops + b`` (:func:`calibrate`).  The coordinator's host defines the work
+metric (``units.Calibration``: reference FLOPs, i.e. seconds there times its conv FLOP/s, so
+cluster files' ``gflops`` keep their meaning); every other host's speed is the ratio of its
+own whole-map unit times to the coordinator host's, times that reference (fitted per device).
+The head is timed whole, and so are the per-call overhead of a block (``block_call_s``) and
+the coordinator's slicing/stitching of regions per byte (``copy_s_per_byte``).
 
 Link: a ping-pong between rank 0 and each other rank in turn at 8 B .. 4 MiB; the best round
 trip halved is the one-way time, fitted to ``t = latency + bytes / bandwidth``
@@ -15,15 +18,16 @@ trip halved is the one-way time, fitted to ``t = latency + bytes / bandwidth``
 
 Oversubscription (more ranks x threads on a host than it has cores, as in CI: 4 ranks on 2
 cores) makes concurrent measurements meaningless, so **one rank per host measures, alone**,
-and shares the fit with the host's other ranks; each rank's speed is then scaled by its share
-of the host's cores, ``min(1, cores / (ranks_on_host * threads))``, because that is the speed
-it gets when every rank computes at once, which is what a tiled block does.  The report keeps
-the unscaled figure too.
+and shares the fit with the host's other ranks.  Each device records its host and how many of
+the host's ranks compute at full speed at once (``host_slots = cores / threads``), and the
+schedule slows the ranks of one host that compute at the same time (``cost.contention``).
+Cores are what the process may use: its CPU affinity, capped by a CPU cgroup quota (v1
+``cpu.cfs_quota_us``, v2 ``cpu.max``) - a host throttled to 0.4 of a core has 0.4 cores.
 
 Cache: ``$EDGECI_CACHE_DIR`` or ``~/.cache/edgeci_mpi/``, one JSON file per host and thread
-count, written atomically by the host's measuring rank; link figures are kept in rank 0's host
-file, per peer host.  ``--reprofile`` ignores and rewrites them.  A whole profile takes well
-under a second per host; a cached start takes milliseconds.
+count, written atomically by the host's measuring rank: the generic figures, the unit
+calibration per (model, input), and link figures in rank 0's host file, per peer host.
+``--reprofile`` ignores and rewrites them.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +45,17 @@ import torch.nn.functional as F
 
 from ..cost import Device
 
-PROFILE_VERSION = 3
+from ..geometry import split_even
+from ..units import Calibration
+from .comm import TAG_LINK, TAG_PING_SIZE, TAG_PROBE_ASK
+
+PROFILE_VERSION = 4
 #: (channels, map size) of the conv micro-benchmark: 3x3 conv, C -> C, stride 1, padding 1.
 CONV_SIZES = ((32, 28), (32, 56), (64, 40), (64, 56))
 PING_SIZES = (8, 64 * 1024, 1024 * 1024, 4 * 1024 * 1024)
 SLOW_LINK_PING_S = 0.25  # stop growing the pings once one takes this long one way
-TAG_PING_SIZE = 15       # rank 0 -> peer: the next ping size in bytes, 0 = done
+#: Row strips a unit is timed on: the whole map, the middle strip of 2 and of 4.
+CALIBRATION_SPLITS = (1, 2, 4)
 
 
 @dataclass
@@ -59,9 +68,13 @@ class Report:
     cores: int
     ranks_on_host: int
     memory_bytes: int
-    flops_per_s: float            # scaled by the rank's share of the host's cores
-    overhead_s: float
-    alone_flops_per_s: float      # as measured by one rank alone
+    flops_per_s: float            # work per second on this model (reference FLOPs), alone
+    overhead_s: float             # one block call
+    conv_flops_per_s: float       # the conv micro-benchmark, alone
+    cpu_cores: float = 0.0        # what the process may use (affinity, cgroup quota)
+    copy_s_per_byte: float = 0.0
+    unit_s: list[float] | None = None   # each unit on its whole map (None: no model yet)
+    calibration: Calibration | None = None  # the host's unit fit (used from rank 0's host)
     latency_s: float = 0.0        # link to rank 0 (0 for rank 0 itself)
     bandwidth_Bps: float = float("inf")
     compute_cached: bool = False
@@ -70,7 +83,9 @@ class Report:
     def device(self) -> Device:
         return Device(name=f"{self.host}:{self.rank}", flops_per_s=self.flops_per_s,
                       overhead_s=self.overhead_s, bandwidth_Bps=self.bandwidth_Bps,
-                      latency_s=self.latency_s, memory_bytes=self.memory_bytes, emulated=False)
+                      latency_s=self.latency_s, memory_bytes=self.memory_bytes, emulated=False,
+                      host=self.host, host_slots=max(1.0, self.cpu_cores / self.threads),
+                      copy_s_per_byte=self.copy_s_per_byte)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +100,21 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     if b < 0:
         a, b = float(np.dot(x, y) / np.dot(x, x)), 0.0
     return float(a), float(b)
+
+
+def fit_nonneg(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares ``y = a * x + b`` with ``a, b >= 0``: the best of the unconstrained fit
+    (when both come out non-negative), a pure slope and a pure constant.  A unit whose times
+    hardly grow with its tile is per-call cost, not a negative-intercept line."""
+    x, y = np.asarray(xs, float), np.asarray(ys, float)
+    cands = [(0.0, float(y.mean()))]
+    if np.dot(x, x) > 0:
+        cands.append((float(np.dot(x, y) / np.dot(x, x)), 0.0))
+    if len(x) > 1 and np.ptp(x) > 0:
+        a, b = np.polyfit(x, y, 1)
+        if a >= 0 and b >= 0:
+            cands.append((float(a), float(b)))
+    return min(cands, key=lambda ab: float(np.sum((ab[0] * x + ab[1] - y) ** 2)))
 
 
 def conv_benchmark(repeats: int = 3) -> tuple[float, float, list[tuple[float, float]]]:
@@ -143,10 +173,131 @@ def available_memory() -> int:
 
 
 def host_cores() -> int:
+    """Whole cores this process may use (at least 1): for torch's thread count."""
+    return max(1, int(cpu_cores() + 1e-9))
+
+
+def cpu_cores() -> float:
+    """Cores this process may use: its CPU affinity, capped by a CPU cgroup quota."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = float(len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        cores = float(os.cpu_count() or 1)
+    quota = cgroup_quota()
+    return min(cores, quota) if quota else cores
+
+
+def cgroup_quota(proc_cgroup: str = "/proc/self/cgroup",
+                 root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in cores (v1 ``cpu.cfs_quota_us /
+    cpu.cfs_period_us`` or v2 ``cpu.max``), or None when unlimited or unknown."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hid, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        try:
+            if hid == "0" and controllers == "":  # v2: cpu.max = "QUOTA PERIOD" or "max ..."
+                text = (Path(root) / path.lstrip("/") / "cpu.max").read_text().split()
+                if text and text[0] != "max":
+                    return int(text[0]) / int(text[1])
+            elif "cpu" in controllers.split(","):
+                base = Path(root) / "cpu" / path.lstrip("/")
+                quota = int((base / "cpu.cfs_quota_us").read_text())
+                if quota > 0:
+                    return quota / int((base / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError, IndexError, ZeroDivisionError):
+            continue
+    return None
+
+
+def copy_benchmark(repeats: int = 5) -> float:
+    """Seconds per byte of slicing a region out of a map into a contiguous buffer and writing
+    one back, as the coordinator does for every remote tile (median over a few sizes)."""
+    rates = []
+    for c, hw in ((64, 56), (64, 112), (128, 56)):
+        x = torch.randn(1, c, hw, hw)
+        out = torch.empty_like(x)
+        part = x[:, :, 1:hw // 2 + 1, :]
+        nbytes = part.numel() * 4
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            y = part.contiguous()
+            out[:, :, : hw // 2, :] = y
+            times.append(time.perf_counter() - t0)
+        rates.append(statistics.median(times) / (2 * nbytes))
+    return float(statistics.median(rates))
+
+
+def _time_call(fn, repeats: int, budget_s: float = 0.25) -> float:
+    """Median seconds of ``fn()`` after one warm-up call; fewer repeats for slow calls."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if sum(times) > budget_s:
+            break
+    return statistics.median(times)
+
+
+def unit_points(mg, u: int, splits=CALIBRATION_SPLITS, repeats: int = 3
+                ) -> list[tuple[float, float]]:
+    """(raw FLOPs with halo, seconds) of unit ``u`` on the middle row strip of each split."""
+    from ..execute import BlockRunner
+
+    spec = mg.spec
+    run = BlockRunner(mg, u, u + 1)
+    c_in = spec.units[u].in_chw[0]
+    _, h, w = spec.units[u].out_chw
+    points = []
+    for k in splits:
+        if k > h:
+            continue
+        rows, cols = split_even(h, k)[k // 2], (0, w)
+        flops = spec.chain.unit_flops(u, rows, cols)[0]
+        (r0, r1), (c0, c1) = run.input_region(rows, cols)
+        x = torch.randn(1, c_in, r1 - r0, c1 - c0)
+        points.append((flops, _time_call(lambda: run.run(x, rows, cols), repeats)))
+    return points
+
+
+def calibrate(mg, reference_flops_per_s: float, block_call_s: float,
+              splits=CALIBRATION_SPLITS) -> tuple[Calibration, list[float]]:
+    """The model's units timed on this process and fitted (module docstring), and each unit's
+    whole-map seconds.  ``mg`` must be uncalibrated (its work is raw FLOPs)."""
+    scale, fixed, whole = [], [], []
+    with torch.no_grad():
+        for u in range(len(mg.spec.units)):
+            pts = unit_points(mg, u, splits)
+            whole.append(pts[0][1])
+            if pts[0][0] <= 0:  # no arithmetic (identity): a fixed cost only
+                scale.append(0.0)
+                fixed.append(max(0.0, min(t for _, t in pts) - block_call_s))
+                continue
+            a, b = fit_nonneg([f for f, _ in pts], [t for _, t in pts])
+            scale.append(a * reference_flops_per_s)
+            fixed.append(max(0.0, b - block_call_s))
+        x = torch.randn(1, *mg.spec.spatial_out_chw)
+        head_s = _time_call(lambda: mg.head(x), 3)
+    cal = Calibration(reference_flops_per_s, tuple(scale), tuple(fixed), head_s,
+                      source=f"{len(scale)} units timed on {socket_host()}")
+    return cal, whole
+
+
+def socket_host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def whole_map_seconds(mg, repeats: int = 2) -> list[float]:
+    """Each unit on its whole map: what a host other than the coordinator's measures."""
+    with torch.no_grad():
+        return [unit_points(mg, u, (1,), repeats)[0][1] for u in range(len(mg.spec.units))]
 
 
 # --- cache ----------------------------------------------------------------------------------
@@ -189,60 +340,104 @@ def save_cache(host: str, threads: int, data: dict) -> None:
 
 # --- the collective ---------------------------------------------------------------------------
 
-def gather_reports(comm, reprofile: bool = False) -> list[Report] | None:
-    """Every rank: measure (or load) its report; rank 0 gets the list in rank order."""
+def gather_reports(comm, mg=None, model_key: str = "", reprofile: bool = False
+                   ) -> list[Report] | None:
+    """Every rank: measure (or load) its report; rank 0 gets the list in rank order.  With a
+    traced model ``mg`` (and ``model_key`` naming model and input for the cache) the reports
+    carry the model's unit timings: the full calibration from rank 0's host, whole-map unit
+    times from the others; :func:`calibrated` turns them into devices and a calibration."""
     threads = torch.get_num_threads()
-    cores = host_cores()
-    hc = comm.host_comm
-    leader = hc.Get_rank() == 0
-    cache = load_cache(comm.host, threads) if leader else {}
-
-    # Compute: the host's first rank measures alone while the others wait quietly.
-    compute = None
-    if leader:
-        compute = None if reprofile else cache.get("compute")
-        if compute is None:
-            fps, ovh, pts = conv_benchmark()
-            call = block_call_overhead()
-            compute = {"flops_per_s": fps, "overhead_s": max(ovh, call), "conv_intercept_s": ovh,
-                       "block_call_s": call, "points": pts, "cached": False}
-            cache["compute"] = {**compute, "cached": True}
-    compute = comm.host_bcast(compute, "the host's compute benchmark")
-    share = min(1.0, cores / (comm.ranks_on_host * threads))
-
-    # Link: rank 0 pings each other rank in turn (or uses its cached figure for that host).
     peers = comm.allgather(comm.host, "host names")
-    lat, bw, link_cached = 0.0, float("inf"), False
-    if comm.rank == 0:
-        links = cache.setdefault("links", {})
-        results = [(0.0, float("inf"), False)]
-        for r in range(1, comm.size):
-            known = None if reprofile else links.get(peers[r])
-            comm.world.send(known is None, dest=r, tag=12)
-            if known is None:
-                known = _ping_pong_root(comm, r)
-                links[peers[r]] = known
-                results.append((known[0], known[1], False))
-            else:
-                results.append((known[0], known[1], True))
-        for r in range(1, comm.size):
-            comm.world.send(results[r], dest=r, tag=13)
-    else:
-        probe = comm.wait(comm.world.irecv(source=0, tag=12), "rank 0's link probe")
-        if probe:
-            _ping_pong_peer(comm)
-        lat, bw, link_cached = comm.wait(comm.world.irecv(source=0, tag=13), "link figures")
+    leader = comm.host_comm.Get_rank() == 0
+    coordinator_host = comm.host == peers[0]
+    cache = load_cache(comm.host, threads) if leader else {}
+    compute = None
+    if leader:  # the host's first rank measures alone while the others wait quietly
+        compute = _host_compute(cache, mg, model_key, reprofile, coordinator_host)
+    compute = comm.host_bcast(compute, "the host's compute benchmark")
+    lat, bw, link_cached = _links(comm, peers, cache, reprofile)
     if leader:
         save_cache(comm.host, threads, cache)
-
-    report = Report(rank=comm.rank, host=comm.host, threads=threads, cores=cores,
+    model = compute.get("model") or {}
+    cal = model.get("calibration")
+    report = Report(rank=comm.rank, host=comm.host, threads=threads, cores=host_cores(),
                     ranks_on_host=comm.ranks_on_host, memory_bytes=available_memory(),
-                    flops_per_s=compute["flops_per_s"] * share,
-                    overhead_s=compute["overhead_s"],
-                    alone_flops_per_s=compute["flops_per_s"],
+                    flops_per_s=compute["conv_flops_per_s"], overhead_s=compute["block_call_s"],
+                    conv_flops_per_s=compute["conv_flops_per_s"], cpu_cores=cpu_cores(),
+                    copy_s_per_byte=compute["copy_s_per_byte"], unit_s=model.get("unit_s"),
+                    calibration=Calibration(**{**cal, "scale": tuple(cal["scale"]),
+                                               "fixed_s": tuple(cal["fixed_s"])})
+                    if cal else None,
                     latency_s=lat, bandwidth_Bps=bw, compute_cached=bool(compute["cached"]),
                     link_cached=bool(link_cached))
     return comm.gather(report, "capability reports")
+
+
+def _host_compute(cache: dict, mg, model_key: str, reprofile: bool, full: bool) -> dict:
+    """The host's generic figures and, with a model, its unit timings (cached)."""
+    generic = None if reprofile else cache.get("compute")
+    if generic is None:
+        fps, _, pts = conv_benchmark()
+        generic = {"conv_flops_per_s": fps, "block_call_s": block_call_overhead(),
+                   "copy_s_per_byte": copy_benchmark(), "conv_points": pts}
+        cache["compute"] = generic
+        cached = False
+    else:
+        cached = True
+    out = {**generic, "cached": cached, "model": None}
+    if mg is None:
+        return out
+    models = cache.setdefault("models", {})
+    key = f"{model_key}|{'full' if full else 'whole'}"
+    model = None if reprofile else models.get(key)
+    if model is None:
+        out["cached"] = False
+        if full:
+            cal, whole = calibrate(mg, generic["conv_flops_per_s"], generic["block_call_s"])
+            model = {"unit_s": whole, "calibration": asdict(cal)}
+        else:
+            model = {"unit_s": whole_map_seconds(mg), "calibration": None}
+        models[key] = model
+    out["model"] = model
+    return out
+
+
+def calibrated(reports: list[Report]) -> tuple[list[Device], Calibration | None]:
+    """Devices from the reports, on the model's calibrated work metric: rank 0's calibration
+    defines the work; a device's speed is the reference FLOP/s times how much faster its
+    host runs the units (whole maps) than the coordinator's host."""
+    cal = reports[0].calibration
+    base = reports[0].unit_s
+    devices = []
+    for r in reports:
+        dev = r.device()
+        if cal is not None and base and r.unit_s and len(r.unit_s) == len(base):
+            speed = cal.reference_flops_per_s * sum(base) / max(sum(r.unit_s), 1e-12)
+            dev = replace(dev, flops_per_s=speed)
+        devices.append(dev)
+    return devices, cal
+
+
+def _links(comm, peers: list[str], cache: dict, reprofile: bool) -> tuple[float, float, bool]:
+    """Rank 0 pings each other rank in turn (or uses its cached figure for that host)."""
+    if comm.rank != 0:
+        if comm.recv_control(0, TAG_PROBE_ASK, "rank 0's link probe"):
+            _ping_pong_peer(comm)
+        return tuple(comm.recv_control(0, TAG_LINK, "link figures"))  # type: ignore[return-value]
+    links = cache.setdefault("links", {})
+    results = [(0.0, float("inf"), False)]
+    for r in range(1, comm.size):
+        known = None if reprofile else links.get(peers[r])
+        comm.send_control(known is None, r, TAG_PROBE_ASK, f"rank {r} to take the probe")
+        if known is None:
+            known = _ping_pong_root(comm, r)
+            links[peers[r]] = known
+            results.append((known[0], known[1], False))
+        else:
+            results.append((known[0], known[1], True))
+    for r in range(1, comm.size):
+        comm.send_control(results[r], r, TAG_LINK, f"rank {r} to take its link figures")
+    return results[0]
 
 
 def _ping_pong_root(comm, peer: int, repeats: int = 3) -> tuple[float, float]:
@@ -255,7 +450,7 @@ def _ping_pong_root(comm, peer: int, repeats: int = 3) -> tuple[float, float]:
     for n in PING_SIZES:
         if one_way and one_way[-1] > SLOW_LINK_PING_S:
             break
-        comm.world.send(n, dest=peer, tag=TAG_PING_SIZE)
+        comm.send_control(n, peer, TAG_PING_SIZE, f"rank {peer} to take the ping size")
         buf = np.zeros(n, np.uint8)
         best = float("inf")
         for _ in range(repeats):
@@ -265,14 +460,14 @@ def _ping_pong_root(comm, peer: int, repeats: int = 3) -> tuple[float, float]:
             best = min(best, (time.perf_counter() - t0) / 2)
         sizes.append(float(n))
         one_way.append(best)
-    comm.world.send(0, dest=peer, tag=TAG_PING_SIZE)
+    comm.send_control(0, peer, TAG_PING_SIZE, f"rank {peer} to end the probe")
     a, _ = fit_line(sizes, one_way)
     return max(0.0, one_way[0] - sizes[0] * a), 1.0 / a
 
 
 def _ping_pong_peer(comm, repeats: int = 3) -> None:
     while True:
-        n = comm.wait(comm.world.irecv(source=0, tag=TAG_PING_SIZE), "rank 0's next ping size")
+        n = comm.recv_control(0, TAG_PING_SIZE, "rank 0's next ping size")
         if n == 0:
             return
         buf = np.zeros(n, np.uint8)

@@ -1,65 +1,249 @@
 """``deepthings``: DeepThings (Zhao, Mirzazad Barijough, Gerstlauer: "DeepThings: Distributed
 Adaptive Deep Learning Inference on Resource-Constrained IoT Edge Clusters", IEEE TCAD 37(11),
-2018).
+2018; code github.com/zoranzhao/DeepThings).
 
-Fused Tile Partitioning: a fixed prefix of early layers is fused and its output cut into an
-equal N x M grid whose tiles (with their halos) are handed out to edge devices as they free up
-(work stealing); the rest of the network runs on the gateway.  Here the grid is square,
-``g x g`` with ``g = max(3, ceil(sqrt(n)))`` (the paper's 3x3 for up to 9 devices, at least one
-tile per device beyond), capped by the prefix's output size; the prefix is the first units up to
-the first one whose map is downsampled 8x on both axes (half the chain if none is, never beyond
-the spatial part), and the remaining units are one block on the coordinator.  Work stealing is
-modelled by list scheduling: tiles in row-major order, each to the device that would finish it
-earliest given the tiles it already has (cost-model times).  DeepThings' reuse of overlapping
-halo data between tiles is not modelled.
+Fused Tile Partitioning (FTP, ``src/ftp.c``, ``preform_ftp``): the first ``L`` layers are fused
+and the output of the last one is cut into an equal ``N x M`` grid (``grid``); every tile, with
+the input region its halo needs (``traversal``), is one task.  Tasks go into the data source's
+queue and edge devices take them as they free up (work stealing, ``src/deepthings_edge.c``);
+the rest of the network runs on the gateway.  Its users pick ``-n``, ``-m``, ``-l`` on the
+command line (``src/top.c``) and ``DATA_REUSE`` at build time (``include/configure.h``, which
+bounds the grid at ``PARTITIONS_H_MAX = PARTITIONS_W_MAX = 6`` and the fused layers at
+``FUSED_LAYERS_MAX = 16``: for YOLOv2, its evaluated model, 16 layers reach 16x downsampling).
+
+Here ``deepthings`` does what such a user would do: it searches its own options and takes the
+one with the lowest predicted latency under this cost model (``best_ftp``):
+
+* fused depth: the prefix of units up to the first unit whose map is downsampled 8x, 16x or
+  32x on both axes (``DOWNSAMPLING``; those the model reaches; half the chain if none);
+* grid: ``g x g`` for ``g`` in 2 .. 5 (``GRIDS``), capped by the prefix's output size;
+* data reuse on or off.
+
+Whatever the option, the plan is DeepThings': one equal grid over one fused prefix, the rest
+one block on the coordinator (the gateway, also the data source, which also takes tiles), no
+heterogeneity in the plan.  The grid is near-equal (``split_even``), where ``ftp.c`` gives
+every tile ``ceil(w / M)`` columns and the last one the remainder.  Work stealing is modelled by
+list scheduling (``steal``): tasks in queue order, each to the device that would finish it
+earliest given the tasks it already has (cost-model times).
+
+Data reuse, as ``src/ftp.c`` (``reuse_aware_schedule``, ``preform_ftp_reuse``,
+``remove_and_record_overlapped_region_at_output``) and ``src/frame_partitioner.c`` do it: the
+grid is a checkerboard; tiles with ``i + j`` even compute their full FTP regions and hand the
+overlapping parts of their intermediate maps to the gateway; tiles with ``i + j`` odd (the
+reuse tiles; all their 4-neighbours are even) are queued after all even ones, and at every
+fused layer compute only their region minus the regions their up, down, left and right
+neighbours computed there, taking the rest from those neighbours.  What is modelled
+(``reuse_flops``): per op of the fused block, the reuse tile's FLOPs are those of its own
+region (``need_intervals``) trimmed on each side by the neighbour's region of that op (nothing
+where the neighbours' regions cover it), which for a chain equals ``ftp.c``'s layer-by-layer
+trimming; a reuse tile gets these FLOPs only if, in the list schedule, all its neighbours have
+finished before it starts, else it runs in full (``is_reuse_ready`` and the full-size
+"rollback" task ``frame_partitioner.c`` keeps queued).  What is not modelled: the overlap data
+DeepThings ships through the gateway (even tiles upload it, odd ones download it) is not
+charged, and a reuse tile is charged its full input region instead of its shrunk one; this
+runtime computes reuse tiles in full (the plan's FLOPs for them are what DeepThings would
+compute, noted in the plan), so the reuse option is, if anything, favoured.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from ..awas import even_layout
-from ..cost import Cluster, DeviceArrays
-from ..plan import Plan
+from ..cost import Cluster, DeviceArrays, block_items, schedule_time, send_order
+from ..geometry import Interval
+from ..plan import Block, Plan
 from ..units import BlockGeom, ModelSpec
 from .common import finish_plan, make_block, whole_block
 
-DOWNSAMPLE = 8
+DOWNSAMPLING = (8, 16, 32)   # fused prefixes end where the map is this much smaller
+GRIDS = range(2, 6)          # g x g grids, 2x2 .. 5x5
 
 
-def prefix_units(spec: ModelSpec) -> int:
-    """How many leading units DeepThings fuses (at least one): up to the first unit whose map
-    is at most ``ceil(size / 8)`` on both axes (odd sizes round up through strided layers)."""
+@dataclass(frozen=True)
+class FtpOption:
+    """One configuration a DeepThings user can run: ``-l`` (as units), ``-n``, ``-m``, reuse."""
+
+    stop: int          # the fused prefix is units [0, stop)
+    factor: int        # its downsampling (0: none of DOWNSAMPLING reached, half the chain)
+    rows: int          # N
+    cols: int          # M
+    reuse: bool
+
+    def describe(self) -> str:
+        depth = f"{self.factor}x" if self.factor else "half the chain"
+        return (f"FTP {self.rows}x{self.cols} grid over units 0-{self.stop - 1} ({depth}), "
+                f"data reuse {'on' if self.reuse else 'off'}")
+
+
+def fused_depths(spec: ModelSpec) -> list[tuple[int, int]]:
+    """``(factor, stop)`` for each downsampling in ``DOWNSAMPLING`` the chain reaches: ``stop``
+    is one past the first unit whose map is at most ``ceil(size / factor)`` on both axes (odd
+    sizes round up through strided layers); ``[(0, ceil(units / 2))]`` if it reaches none."""
     _, h0, w0 = spec.input_chw
-    h8, w8 = math.ceil(h0 / DOWNSAMPLE), math.ceil(w0 / DOWNSAMPLE)
-    for j, u in enumerate(spec.units, 1):
-        if u.out_chw[1] <= h8 and u.out_chw[2] <= w8:
-            return j
-    return max(1, math.ceil(len(spec.units) / 2))
+    depths: list[tuple[int, int]] = []
+    for f in DOWNSAMPLING:
+        hf, wf = math.ceil(h0 / f), math.ceil(w0 / f)
+        stop = next((j for j, u in enumerate(spec.units, 1)
+                     if u.out_chw[1] <= hf and u.out_chw[2] <= wf), None)
+        if stop is not None and all(stop != s for _, s in depths):
+            depths.append((f, stop))
+    return depths or [(0, max(1, math.ceil(len(spec.units) / 2)))]
 
 
-def grid_shape(n_devices: int, h: int, w: int) -> tuple[int, int]:
-    g = max(3, math.ceil(math.sqrt(n_devices)))
-    return min(g, h), min(g, w)
+def ftp_options(spec: ModelSpec) -> list[FtpOption]:
+    """Every option ``best_ftp`` searches, without duplicates (grids capped by the map)."""
+    opts: list[FtpOption] = []
+    for factor, stop in fused_depths(spec):
+        _, h, w = spec.units[stop - 1].out_chw
+        for g in GRIDS:
+            for reuse in (False, True):
+                opt = FtpOption(stop, factor, min(g, h), min(g, w), reuse)
+                if opt not in opts:
+                    opts.append(opt)
+    return opts
+
+
+def is_reuse_tile(i: int, j: int) -> bool:
+    """``reuse_aware_schedule``: dependency level 1 (takes overlap data) where ``i + j`` is odd."""
+    return (i + j) % 2 == 1
+
+
+def reuse_flops(geom: BlockGeom, row_bands: list[Interval], col_bands: list[Interval],
+                i: int, j: int) -> float:
+    """FLOPs of grid tile ``(i, j)`` computing, at every op, only what its 4-neighbours in the
+    grid do not (``remove_and_record_overlapped_region_at_output``): its own region of the op
+    trimmed by the up/down neighbours' rows and the left/right neighbours' columns there."""
+    rows = [geom.need(0, band)[1] for band in row_bands]
+    cols = [geom.need(1, band)[1] for band in col_bands]
+
+    def trim(own: Interval, before: Interval | None, after: Interval | None) -> int:
+        lo, hi = own
+        if before is not None and before[1] > before[0]:
+            lo = max(lo, before[1])
+        if after is not None and after[1] > after[0]:
+            hi = min(hi, after[0])
+        return max(0, hi - lo)
+
+    flops = 0.0
+    for o, op in enumerate(geom.ops):
+        up = rows[i - 1][o] if i > 0 else None
+        down = rows[i + 1][o] if i + 1 < len(rows) else None
+        left = cols[j - 1][o] if j > 0 else None
+        right = cols[j + 1][o] if j + 1 < len(cols) else None
+        flops += (op.flops_per_pixel * trim(rows[i][o], up, down)
+                  * trim(cols[j][o], left, right))
+    return flops
+
+
+@dataclass
+class Task:
+    """One FTP tile: its grid position, rectangle, and work with and without reuse."""
+
+    i: int
+    j: int
+    rows: Interval
+    cols: Interval
+    work: tuple[float, int, int]            # (flops, input bytes, output bytes), full FTP
+    reuse_flops: float | None = None        # flops if its neighbours' overlap data is ready
+
+
+def steal(arr: DeviceArrays, n: int, tasks: list[Task]) -> list[tuple[int, float]]:
+    """Work stealing as list scheduling: in queue order, each task to the device that finishes
+    it earliest; a reuse task is reduced only if its neighbours have finished by its start.
+    Returns ``(device, flops)`` per task."""
+    load = [0.0] * n
+    done: dict[tuple[int, int], float] = {}
+    out: list[tuple[int, float]] = []
+    for t in tasks:
+        nbrs = [(t.i + di, t.j + dj) for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+        best = None
+        for k in range(n):
+            flops = t.work[0]
+            if t.reuse_flops is not None and all(done.get(p, 0.0) <= load[k] for p in nbrs):
+                flops = t.reuse_flops
+            end = load[k] + arr.time(k, flops, t.work[1], t.work[2])
+            if best is None or end < best[0]:
+                best = (end, k, flops)
+        end, k, flops = best
+        load[k] = end
+        done[(t.i, t.j)] = end
+        out.append((k, flops))
+    return out
+
+
+def ftp_block(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, opt: FtpOption
+              ) -> tuple[Block, int, float]:
+    """The fused prefix under ``opt``: (block, reuse tiles that got their reduced work, FLOPs
+    saved by them)."""
+    geom = BlockGeom.of(spec, 0, opt.stop)
+    _, h, w = geom.out_chw
+    layout = even_layout(h, w, opt.rows * opt.cols, opt.rows)
+    row_bands = [r for r, _ in layout.rects()[::opt.cols]]
+    col_bands = [c for _, c in layout.rects()[:opt.cols]]
+    tasks = []
+    for i, r in enumerate(row_bands):
+        for j, c in enumerate(col_bands):
+            t = Task(i, j, r, c, geom.tile_work(r, c))
+            if opt.reuse and is_reuse_tile(i, j):
+                t.reuse_flops = min(t.work[0], reuse_flops(geom, row_bands, col_bands, i, j))
+            tasks.append(t)
+    if opt.reuse:  # frame_partitioner.c: the reuse tasks are re-queued after all the others
+        tasks.sort(key=lambda t: t.reuse_flops is not None)
+    placed = steal(arr, len(cluster), tasks)
+    block = make_block(spec, cluster, 0, opt.stop,
+                       [(d, t.rows, t.cols) for t, (d, _) in zip(tasks, placed)])
+    reduced = {(t.rows, t.cols): f for t, (_, f) in zip(tasks, placed) if f < t.work[0]}
+    saved = 0.0
+    for tile in block.tiles:
+        f = reduced.get((tile.out_rows, tile.out_cols))
+        if f is not None:
+            saved += tile.flops - f
+            tile.flops = f
+            tile.compute_s = cluster.devices[tile.device].compute_time(f)
+    if reduced:  # re-price with the reduced work, in the cost model's scatter order
+        items = block_items(block, spec.bytes_per_element)
+        order = send_order(items, cluster)
+        block.tiles = [block.tiles[q] for q in order]
+        block.predicted_s = schedule_time(cluster, [items[q] for q in order])
+    return block, len(reduced), saved
+
+
+def plan_ftp(spec: ModelSpec, cluster: Cluster, opt: FtpOption,
+             arr: DeviceArrays | None = None, rest: Block | None = None) -> Plan:
+    """DeepThings' plan under one option: the FTP prefix, then the rest on the coordinator
+    (``rest``, if given, is that block, already priced)."""
+    arr = arr or DeviceArrays(cluster)
+    block, n_reused, saved = ftp_block(spec, cluster, arr, opt)
+    blocks = [block]
+    if opt.stop < len(spec.units):
+        blocks.append(rest or whole_block(spec, cluster, opt.stop, len(spec.units)))
+    notes = [f"{opt.describe()}, rest on device 0"]
+    if opt.reuse:
+        notes.append(f"data reuse: {n_reused} tiles computed {saved / 1e6:.0f} MFLOP less, as "
+                     f"DeepThings would; this runtime computes them in full")
+    return finish_plan(spec, cluster, "deepthings", blocks, notes)
+
+
+def best_ftp(spec: ModelSpec, cluster: Cluster) -> tuple[FtpOption, Plan]:
+    """The option (of ``ftp_options``) with the lowest predicted latency, and its plan; ties go
+    to the earlier option (shallower, smaller grid, no reuse)."""
+    arr = DeviceArrays(cluster)
+    rest: dict[int, Block] = {}
+    best: tuple[FtpOption, Plan] | None = None
+    for opt in ftp_options(spec):
+        if opt.stop < len(spec.units) and opt.stop not in rest:
+            rest[opt.stop] = whole_block(spec, cluster, opt.stop, len(spec.units))
+        plan = plan_ftp(spec, cluster, opt, arr, rest.get(opt.stop))
+        if best is None or plan.predicted_s < best[1].predicted_s:
+            best = (opt, plan)
+    assert best is not None
+    return best
 
 
 def plan_deepthings(spec: ModelSpec, cluster: Cluster) -> Plan:
     if not spec.units:
         return finish_plan(spec, cluster, "deepthings", [])
-    n = len(cluster)
-    arr = DeviceArrays(cluster)
-    j = prefix_units(spec)
-    geom = BlockGeom.of(spec, 0, j)
-    _, h, w = geom.out_chw
-    rows, cols = grid_shape(n, h, w)
-    load = [0.0] * n
-    rects = []
-    for r, c in even_layout(h, w, rows * cols, rows).rects():
-        work = geom.tile_work(r, c)
-        d = min(range(n), key=lambda k: (load[k] + arr.time(k, *work), k))
-        load[d] += arr.time(d, *work)
-        rects.append((d, r, c))
-    blocks = [make_block(spec, cluster, 0, j, rects)]
-    if j < len(spec.units):
-        blocks.append(whole_block(spec, cluster, j, len(spec.units)))
-    return finish_plan(spec, cluster, "deepthings", blocks,
-                       [f"FTP grid {rows}x{cols} over units 0-{j - 1}, rest on device 0"])
+    opt, plan = best_ftp(spec, cluster)
+    plan.notes.append(f"best of {len(ftp_options(spec))} DeepThings options by predicted latency")
+    return plan
