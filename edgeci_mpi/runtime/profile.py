@@ -14,7 +14,9 @@ the coordinator's slicing/stitching of regions per byte (``copy_s_per_byte``).
 
 Link: a ping-pong between rank 0 and each other rank in turn at 8 B .. 4 MiB; the best round
 trip halved is the one-way time, fitted to ``t = latency + bytes / bandwidth``
-(``cost.Device.link_time``).
+(``cost.Device.link_time``).  The latency is at least that of a *late* pong (the peer answers
+after 3 ms of compute): a tile's output comes back while rank 0 waits quietly, and waking from
+that wait is part of every transfer's cost.
 
 Oversubscription (more ranks x threads on a host than it has cores, as in CI: 4 ranks on 2
 cores) makes concurrent measurements meaningless, so **one rank per host measures, alone**,
@@ -49,11 +51,14 @@ from ..geometry import split_even
 from ..units import Calibration
 from .comm import TAG_LINK, TAG_PING_SIZE, TAG_PROBE_ASK
 
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 #: (channels, map size) of the conv micro-benchmark: 3x3 conv, C -> C, stride 1, padding 1.
 CONV_SIZES = ((32, 28), (32, 56), (64, 40), (64, 56))
 PING_SIZES = (8, 64 * 1024, 1024 * 1024, 4 * 1024 * 1024)
 SLOW_LINK_PING_S = 0.25  # stop growing the pings once one takes this long one way
+#: The late pong: the peer answers after this much compute, so rank 0 is already in its quiet
+#: (sleeping) wait - as it is for every tile - and the latency includes waking up from it.
+LATE_PONG_S = 3e-3
 #: Row strips a unit is timed on: the whole map, the middle strip of 2 and of 4.
 CALIBRATION_SPLITS = (1, 2, 4)
 
@@ -460,9 +465,18 @@ def _ping_pong_root(comm, peer: int, repeats: int = 3) -> tuple[float, float]:
             best = min(best, (time.perf_counter() - t0) / 2)
         sizes.append(float(n))
         one_way.append(best)
-    comm.send_control(0, peer, TAG_PING_SIZE, f"rank {peer} to end the probe")
     a, _ = fit_line(sizes, one_way)
-    return max(0.0, one_way[0] - sizes[0] * a), 1.0 / a
+    latency = max(0.0, one_way[0] - sizes[0] * a)
+    late = []
+    for _ in range(repeats):  # a reply that comes while rank 0 is already waiting quietly
+        comm.send_control(-1, peer, TAG_PING_SIZE, f"rank {peer} to take the late ping")
+        buf = np.zeros(8, np.uint8)
+        t0 = time.perf_counter()
+        comm.send_bytes(buf, peer)
+        comm.recv_bytes(buf, peer)
+        late.append(max(0.0, (time.perf_counter() - t0 - LATE_PONG_S) / 2))
+    comm.send_control(0, peer, TAG_PING_SIZE, f"rank {peer} to end the probe")
+    return max(latency, statistics.median(late)), 1.0 / a
 
 
 def _ping_pong_peer(comm, repeats: int = 3) -> None:
@@ -470,6 +484,14 @@ def _ping_pong_peer(comm, repeats: int = 3) -> None:
         n = comm.recv_control(0, TAG_PING_SIZE, "rank 0's next ping size")
         if n == 0:
             return
+        if n < 0:  # the late pong: answer after a block's worth of compute
+            buf = np.zeros(8, np.uint8)
+            comm.recv_bytes(buf, 0)
+            end = time.perf_counter() + LATE_PONG_S
+            while time.perf_counter() < end:
+                pass
+            comm.send_bytes(buf, 0)
+            continue
         buf = np.zeros(n, np.uint8)
         for _ in range(repeats):
             comm.recv_bytes(buf, 0)
