@@ -78,7 +78,96 @@ def orphaned(names: set[str]) -> list[str]:
     return sorted(n for n in names & shm_names() if n not in mapped)
 
 
+def sample(t: float, done: int, pids: dict[int, int], job_tmp: Path) -> dict:
+    """One look from outside: each rank's RSS (KiB) and open fds, temp and /dev/shm files."""
+    return {"t": t, "done": done,
+            "rss": {r: rss_kib(p) for r, p in pids.items()},
+            "fds": {r: fd_count(p) for r, p in pids.items()},
+            "tmp": file_count(job_tmp), "shm": len(shm_names())}
+
+
+def watch(proc, args, results: Path, job_tmp: Path, t0: float) -> list[dict]:
+    """Sample every ``--every`` seconds until the job ends; a progress line now and then."""
+    samples: list[dict] = []
+    pids: dict[int, int] = {}
+    next_report = 0.0
+    while proc.poll() is None:
+        if len(pids) < args.ranks:
+            pids = rank_pids(proc.pid)
+        s = sample(time.perf_counter() - t0, lines_in(results), pids, job_tmp)
+        samples.append(s)
+        if s["t"] >= next_report and pids:
+            rss = " ".join(f"{(v or 0) / 1024:.0f}" for _, v in sorted(s["rss"].items()))
+            print(f"  {s['t']:6.0f} s  {s['done']:5d} images  RSS MiB [{rss}]  fds "
+                  f"{[s['fds'][r] for r in sorted(s['fds'])]}  tmp files {s['tmp']}",
+                  flush=True)
+            next_report = s["t"] + args.report_every
+        time.sleep(args.every)
+    return samples
+
+
+def memory_ok(samples: list[dict], args) -> bool:
+    """RSS at the end within 5 % of RSS after warm-up, and open fds unchanged, every rank."""
+    full = [s for s in samples if len(s["rss"]) == args.ranks and all(s["rss"].values())]
+    warm_at = max(1, int(args.images * args.warm))
+    warm = next((s for s in full if s["done"] >= warm_at), None)
+    end = next((s for s in reversed(full) if s["done"] < args.images), None)
+    if not (warm and end and end["done"] > warm["done"]):
+        print("not enough samples between warm-up and the end to compare memory")
+        return False
+    ok = True
+    print(f"memory (RSS MiB) after warm-up ({warm['done']} images, {warm['t']:.0f} s) vs "
+          f"end ({end['done']} images, {end['t']:.0f} s):")
+    for r in sorted(warm["rss"]):
+        a, b = warm["rss"][r], end["rss"][r]
+        peak = max(s["rss"].get(r) or 0 for s in samples if s["done"] >= warm["done"])
+        growth = (b - a) / a
+        flat = abs(growth) <= 0.05
+        ok &= flat
+        print(f"  rank {r}: {a / 1024:7.1f} -> {b / 1024:7.1f}  ({growth * 100:+.1f} %, peak "
+              f"{peak / 1024:.1f})  {'flat' if flat else 'NOT within 5 %'}")
+    for r in sorted(warm["fds"]):
+        a, b = warm["fds"][r], end["fds"][r]
+        ok &= a == b
+        print(f"  rank {r}: open fds {a} -> {b}{'' if a == b else '  LEAK?'}")
+    return ok
+
+
+def files_ok(samples: list[dict], tmp_before: int, tmp_after: int, shm_before: set[str],
+             leaked: list[str]) -> bool:
+    """No file left in the job's TMPDIR, no unmapped /dev/shm segment left behind."""
+    print(f"temp files in the job's TMPDIR: {tmp_before} before, {tmp_after} after; /dev/shm: "
+          f"{len(shm_before)} entries before, {len(leaked)} new ones left unmapped after"
+          f"{': ' + ', '.join(leaked) if leaked else ''} (entries during the run "
+          f"{min((s['shm'] for s in samples), default=0)}-"
+          f"{max((s['shm'] for s in samples), default=0)}, other jobs' included)")
+    return tmp_after == tmp_before and not leaked
+
+
+def verified_ok(out: Path, images: int) -> bool:
+    """Every image of every strategy verified against ``model(x)`` in the JSON record."""
+    if not out.exists():
+        print(f"no JSON record at {out}")
+        return False
+    ok = True
+    rec = json.loads(out.read_text())
+    for run in rec["runs"]:
+        checks = (run.get("verify") or {}).get("images") or []
+        good = sum(1 for c in checks if c and c.get("ok"))
+        worst = max((c.get("max_abs_diff", 0) for c in checks if c), default=float("nan"))
+        lat = run["latency_s"]
+        tenth = max(1, len(lat) // 10)
+        print(f"strategy {run['strategy']}: {run['images']} images, {good} verified OK "
+              f"(max |diff| {worst:.2e}); latency median {statistics.median(lat) * 1e3:.1f} "
+              f"ms, first 10 % {statistics.median(lat[:tenth]) * 1e3:.1f} "
+              f"ms, last 10 % {statistics.median(lat[-tenth:]) * 1e3:.1f} ms")
+        ok &= good == images
+    print(f"record says verified: {rec.get('verified')}")
+    return ok
+
+
 def soak(args) -> int:
+    """Start the stream, watch it from outside, then judge memory, files and outputs."""
     work = Path(tempfile.mkdtemp(prefix="edgeci-soak-"))
     job_tmp = work / "tmp"
     job_tmp.mkdir()
@@ -95,81 +184,18 @@ def soak(args) -> int:
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
-    samples: list[dict] = []  # {"t", "done", "rss": {rank: KiB}, "fds": {rank: n}, "tmp"}
-    pids: dict[int, int] = {}
-    next_report = 0.0
-    while proc.poll() is None:
-        if len(pids) < args.ranks:
-            pids = rank_pids(proc.pid)
-        done = lines_in(results)
-        s = {"t": time.perf_counter() - t0, "done": done,
-             "rss": {r: rss_kib(p) for r, p in pids.items()},
-             "fds": {r: fd_count(p) for r, p in pids.items()},
-             "tmp": file_count(job_tmp), "shm": len(shm_names())}
-        samples.append(s)
-        if s["t"] >= next_report and pids:
-            rss = " ".join(f"{(v or 0) / 1024:.0f}" for _, v in sorted(s["rss"].items()))
-            print(f"  {s['t']:6.0f} s  {done:5d} images  RSS MiB [{rss}]  fds "
-                  f"{[s['fds'][r] for r in sorted(s['fds'])]}  tmp files {s['tmp']}",
-                  flush=True)
-            next_report = s["t"] + args.report_every
-        time.sleep(args.every)
+    samples = watch(proc, args, results, job_tmp, t0)
     rc = proc.wait()
     reader.join(timeout=10)
-    elapsed = time.perf_counter() - t0
-    time.sleep(1.0)  # let other jobs' segments settle
-    tmp_after = file_count(job_tmp)
-    leaked = orphaned(shm_names() - shm_before)
-
-    ok = rc == 0
-    print(f"job exit {rc} after {elapsed:.0f} s")
+    print(f"job exit {rc} after {time.perf_counter() - t0:.0f} s")
     if rc != 0:
         print("".join(log[-30:]))
-    warm_at = max(1, int(args.images * args.warm))
-    warm = next((s for s in samples if s["done"] >= warm_at and len(s["rss"]) == args.ranks
-                 and all(s["rss"].values())), None)
-    end = next((s for s in reversed(samples) if s["done"] < args.images and
-                len(s["rss"]) == args.ranks and all(s["rss"].values())), None)
-    if warm and end and end["done"] > warm["done"]:
-        print(f"memory (RSS MiB) after warm-up ({warm['done']} images, {warm['t']:.0f} s) vs "
-              f"end ({end['done']} images, {end['t']:.0f} s):")
-        for r in sorted(warm["rss"]):
-            a, b = warm["rss"][r], end["rss"][r]
-            peak = max(s["rss"].get(r) or 0 for s in samples if s["done"] >= warm["done"])
-            growth = (b - a) / a
-            flat = abs(growth) <= 0.05
-            ok &= flat
-            print(f"  rank {r}: {a / 1024:7.1f} -> {b / 1024:7.1f}  ({growth * 100:+.1f} %, peak "
-                  f"{peak / 1024:.1f})  {'flat' if flat else 'NOT within 5 %'}")
-        for r in sorted(warm["fds"]):
-            a, b = warm["fds"][r], end["fds"][r]
-            ok &= a == b
-            print(f"  rank {r}: open fds {a} -> {b}{'' if a == b else '  LEAK?'}")
-    else:
-        ok = False
-        print("not enough samples between warm-up and the end to compare memory")
-    print(f"temp files in the job's TMPDIR: {tmp_before} before, {tmp_after} after; /dev/shm: "
-          f"{len(shm_before)} entries before, {len(leaked)} new ones left unmapped after"
-          f"{': ' + ', '.join(leaked) if leaked else ''} (entries during the run "
-          f"{min((s['shm'] for s in samples), default=0)}-"
-          f"{max((s['shm'] for s in samples), default=0)}, other jobs' included)")
-    ok &= tmp_after == tmp_before and not leaked
-    if out.exists():
-        rec = json.loads(out.read_text())
-        for run in rec["runs"]:
-            checks = (run.get("verify") or {}).get("images") or []
-            good = sum(1 for c in checks if c and c.get("ok"))
-            worst = max((c.get("max_abs_diff", 0) for c in checks if c), default=float("nan"))
-            lat = run["latency_s"]
-            print(f"strategy {run['strategy']}: {run['images']} images, {good} verified OK "
-                  f"(max |diff| {worst:.2e}); latency median {statistics.median(lat) * 1e3:.1f} "
-                  f"ms, first 10 % {statistics.median(lat[:max(1, len(lat) // 10)]) * 1e3:.1f} "
-                  f"ms, last 10 % {statistics.median(lat[-max(1, len(lat) // 10):]) * 1e3:.1f} ms")
-            ok &= good == args.images
-        print(f"record says verified: {rec.get('verified')}")
-    else:
-        ok = False
-        print(f"no JSON record at {out}")
+    time.sleep(1.0)  # let other jobs' segments settle
+    leaked = orphaned(shm_names() - shm_before)
+    ok = rc == 0
+    ok &= memory_ok(samples, args)
+    ok &= files_ok(samples, tmp_before, file_count(job_tmp), shm_before, leaked)
+    ok &= verified_ok(out, args.images)
     print("SOAK OK" if ok else "SOAK FAILED")
     if ok and not args.keep:
         shutil.rmtree(work, ignore_errors=True)

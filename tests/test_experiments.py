@@ -4,6 +4,7 @@ collection step, and one run-mode cell through real ``mpiexec`` with 2 ranks."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import tomllib
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 
 from edgeci_mpi.cli import main
 from edgeci_mpi.cluster import load_cluster
-from edgeci_mpi.experiments import report, sweep
+from edgeci_mpi.experiments import cells, report, slurm, store, sweep
+from edgeci_mpi.experiments.spec import Cell, SweepError, load_sweep
 from edgeci_mpi.launch import LaunchError, find_mpiexec
 from edgeci_mpi.runtime.results import read_json_lines
 
@@ -47,7 +49,7 @@ def shared_graphs(monkeypatch):
 
 
 def test_sweep_files_parse():
-    specs = {p.stem: sweep.load_sweep(p) for p in sorted(JOBS.glob("*.toml"))}
+    specs = {p.stem: load_sweep(p) for p in sorted(JOBS.glob("*.toml"))}
     assert {"paper", "scaling", "tiny", "tiny-run"} <= set(specs)
     paper, scaling = specs["paper"], specs["scaling"]
     assert paper.mode == "run" and len(paper.cells()) == 2 * 2 * 2 * 3
@@ -69,20 +71,20 @@ def test_sweep_files_parse():
 def test_bad_sweep_files(tmp_path, text, match):
     f = tmp_path / "bad.toml"
     f.write_text(text)
-    with pytest.raises(sweep.SweepError, match=match):
-        sweep.load_sweep(f)
+    with pytest.raises(SweepError, match=match):
+        load_sweep(f)
     assert main(["sweep", str(f), "--results", str(tmp_path)]) == 2
 
 
 def test_cell_cluster_resizes_and_overrides_links():
-    spec = sweep.load_sweep(JOBS / "tiny-run.toml")
-    cell = sweep.Cell("resnet18", "3x64x64", "hetero8", 12, 25.0, 1)
-    c = sweep.cell_cluster(spec, cell)
+    spec = load_sweep(JOBS / "tiny-run.toml")
+    cell = Cell("resnet18", "3x64x64", "hetero8", 12, 25.0, 1)
+    c = cells.cell_cluster(spec, cell)
     assert len(c) == 12 and all(d.emulated for d in c.devices)
     base = load_cluster("hetero8")
     assert c.devices[0].bandwidth_Bps == base.devices[0].bandwidth_Bps   # coordinator untouched
     assert {d.bandwidth_Bps for d in c.devices[1:]} == {25e6 / 8}
-    assert sweep.ideal_speedup(c) == pytest.approx(
+    assert cells.ideal_speedup(c) == pytest.approx(
         sum(d.flops_per_s for d in c.devices) / base.devices[0].flops_per_s)
 
 
@@ -97,8 +99,8 @@ def test_tiny_simulate_end_to_end(tmp_path, capsys):
     assert main(["sweep", str(JOBS / "tiny.toml"), "--results", str(tmp_path)]) == 0
     res = tmp_path / "tiny"
     rows = read_csv(res / "results.csv")
-    assert list(rows[0]) == sweep.COLUMNS
-    spec = sweep.load_sweep(JOBS / "tiny.toml")
+    assert list(rows[0]) == store.COLUMNS
+    spec = load_sweep(JOBS / "tiny.toml")
     assert len(rows) == len(spec.cells()) * len(spec.run_strategies) == 2 * 3
     assert {(r["devices"], r["strategy"]) for r in rows} == {
         (n, s) for n in ("2", "4") for s in ("single", "edgeci", "modnn")}
@@ -109,7 +111,7 @@ def test_tiny_simulate_end_to_end(tmp_path, capsys):
         if r["strategy"] == "single":
             assert float(r["speedup_simulated"]) == 1.0
     data = json.loads((res / "results.json").read_text())
-    assert len(data) == len(rows) and set(data[0]) == set(sweep.COLUMNS)
+    assert len(data) == len(rows) and set(data[0]) == set(store.COLUMNS)
     assert [d["simulated_ms"] for d in data] == pytest.approx(
         [float(r["simulated_ms"]) for r in rows], rel=1e-5)
 
@@ -127,15 +129,15 @@ def test_tiny_simulate_end_to_end(tmp_path, capsys):
 
 
 def test_resume_after_interruption_and_failure(tmp_path, monkeypatch, shared_graphs):
-    spec = sweep.load_sweep(JOBS / "tiny.toml")
-    real = sweep.run_cell_simulate
+    spec = load_sweep(JOBS / "tiny.toml")
+    real = cells.run_cell_simulate
     calls: list[str] = []
 
     def counting(spec, cell, *a, **k):
         calls.append(cell.id)
         return real(spec, cell, *a, **k)
 
-    monkeypatch.setattr(sweep, "run_cell_simulate", counting)
+    monkeypatch.setattr(cells, "run_cell_simulate", counting)
     ids = [c.id for c in spec.cells()]
     # interrupted after one cell (--only 1)
     s = sweep.run_sweep(spec, tmp_path, only=1)
@@ -158,8 +160,8 @@ def test_resume_after_interruption_and_failure(tmp_path, monkeypatch, shared_gra
 
 
 def test_failed_cell_is_recorded_and_retried(tmp_path, monkeypatch, shared_graphs):
-    spec = sweep.load_sweep(JOBS / "tiny.toml")
-    real = sweep.run_cell_simulate
+    spec = load_sweep(JOBS / "tiny.toml")
+    real = cells.run_cell_simulate
     ids = [c.id for c in spec.cells()]
 
     def flaky(spec, cell, *a, **k):
@@ -167,7 +169,7 @@ def test_failed_cell_is_recorded_and_retried(tmp_path, monkeypatch, shared_graph
             raise RuntimeError("device on fire")
         return real(spec, cell, *a, **k)
 
-    monkeypatch.setattr(sweep, "run_cell_simulate", flaky)
+    monkeypatch.setattr(cells, "run_cell_simulate", flaky)
     s = sweep.run_sweep(spec, tmp_path)
     assert (s.ran, s.failed, s.failed_total) == (2, 1, 1)      # the sweep went on
     recs = jsonl(tmp_path / "tiny" / "results.jsonl")
@@ -178,15 +180,35 @@ def test_failed_cell_is_recorded_and_retried(tmp_path, monkeypatch, shared_graph
     assert len(failed) == 3 and all("device on fire" in r["error"] for r in failed)
     # --skip-failed leaves it; a plain rerun retries only the failed cell
     assert sweep.run_sweep(spec, tmp_path, retry_failed=False).ran == 0
-    monkeypatch.setattr(sweep, "run_cell_simulate", real)
+    monkeypatch.setattr(cells, "run_cell_simulate", real)
     s = sweep.run_sweep(spec, tmp_path)
     assert (s.skipped, s.ran, s.failed_total) == (1, 1, 0)
     rows = read_csv(tmp_path / "tiny" / "results.csv")
     assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_plain_lines_or_bar_on_a_terminal(tmp_path, shared_graphs):
+    spec = load_sweep(JOBS / "tiny.toml")
+    plain = io.StringIO()                    # logs and pipes: one line per cell
+    sweep.run_sweep(spec, tmp_path / "a", out=plain)
+    lines = plain.getvalue().splitlines()
+    assert [ln.split()[0] for ln in lines[1:]] == ["[1/2]", "[2/2]"]
+    assert all(" ok " in ln for ln in lines[1:]) and "eta" in lines[1]
+    pytest.importorskip("tqdm")
+    tty = _Terminal()                        # a terminal: a tqdm bar, each cell's line above it
+    s = sweep.run_sweep(spec, tmp_path / "b", out=tty)
+    text = tty.getvalue()
+    assert s.ran == 2 and "2/2 [" in text and ("cell/s" in text or "s/cell" in text)
+    assert all(f"[{k}/2] {c.label}: ok" in text for k, c in enumerate(spec.cells(), 1))
+
+
 def test_slurm_scripts_run_mode(tmp_path):
-    spec = sweep.load_sweep(JOBS / "tiny-run.toml")
+    spec = load_sweep(JOBS / "tiny-run.toml")
     out = tmp_path / "slurm"
     assert main(["sweep", str(JOBS / "tiny-run.toml"), "--slurm", str(out),
                  "--results", str(tmp_path / "res")]) == 0
@@ -213,9 +235,9 @@ def test_slurm_scripts_run_mode(tmp_path):
 
 
 def test_slurm_simulate_mode_and_collection(tmp_path, monkeypatch, shared_graphs):
-    spec = sweep.load_sweep(JOBS / "tiny.toml")
+    spec = load_sweep(JOBS / "tiny.toml")
     res = tmp_path / "res"
-    scripts = sweep.write_slurm(spec, tmp_path / "slurm", res)
+    scripts = slurm.write_slurm(spec, tmp_path / "slurm", res)
     assert len(scripts) == 2
     cmd = [ln for ln in scripts[0].read_text().splitlines()
            if " -m edgeci_mpi sweep " in ln and not ln.startswith("#")][0]
@@ -228,21 +250,22 @@ def test_slurm_simulate_mode_and_collection(tmp_path, monkeypatch, shared_graphs
         assert (res / "tiny" / "cells" / cell.id / "cell.json").is_file()
     assert not (res / "tiny" / "results.jsonl").exists()
     # collecting afterwards ingests the cells' records instead of running them again
-    monkeypatch.setattr(sweep, "run_cell_simulate",
+    monkeypatch.setattr(cells, "run_cell_simulate",
                         lambda *a, **k: pytest.fail("a finished cell was run again"))
     s = sweep.run_sweep(spec, res)
     assert s.ran == 2 and s.failed == 0
     assert all(r["collected"] for r in jsonl(res / "tiny" / "results.jsonl"))
     assert len(read_csv(res / "tiny" / "results.csv")) == 6
-    assert sweep.write_slurm(spec, tmp_path / "slurm2", res) == []   # nothing left to submit
+    assert slurm.write_slurm(spec, tmp_path / "slurm2", res) == []   # nothing left to submit
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _have_mpiexec(), reason="no mpiexec")
 def test_run_mode_cell_through_mpiexec(tmp_path, monkeypatch):
     """One real cell: 2 ranks emulating hetero4 devices, ResNet-18 at 3x64x64, one image."""
     doc = tomllib.loads((JOBS / "tiny-run.toml").read_text())
     assert doc["mode"] == "run" and doc["images"] == 1
-    spec = sweep.load_sweep(JOBS / "tiny-run.toml")
+    spec = load_sweep(JOBS / "tiny-run.toml")
     first = spec.cells()[0]
     assert first.devices == 2
     assert main(["sweep", str(JOBS / "tiny-run.toml"), "--results", str(tmp_path),

@@ -1,6 +1,12 @@
 """Batch experiments: sweeps over models x strategies x device counts x bandwidths x clusters
 (``sweep``) and the plots and tables made from their results (``report``).
 
+Modules, in the order data flows: ``spec`` (the sweep file and its grid of cells), ``cells``
+(one cell: its cluster, running it, its rows), ``store`` (results.jsonl/.csv/.json), ``slurm``
+(batch scripts), ``sweep`` (the command); ``groups`` (results.csv -> medians per
+configuration), ``plots`` (PNG figures), ``report`` (tables and the command).  None of them
+imports ``edgeci_mpi.cli``; ``report`` imports no torch.
+
 ``add_experiment_parsers`` and ``run_experiment_command`` are the two hooks ``edgeci_mpi.cli``
 calls; everything heavy (torch, matplotlib) is imported only when a command runs.
 """
@@ -22,8 +28,10 @@ def add_experiment_parsers(sub) -> None:
 
 
 def run_experiment_command(args: argparse.Namespace) -> int:
-    from .report import ReportError, cmd_report
-    from .sweep import SweepError, cmd_sweep
+    from .groups import ReportError
+    from .report import cmd_report
+    from .spec import SweepError
+    from .sweep import cmd_sweep
 
     try:
         return cmd_sweep(args) if args.command == "sweep" else cmd_report(args)

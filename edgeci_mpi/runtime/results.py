@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..cost import Cluster
+from ..jsonlines import ends_torn, read_json_lines
 from ..plan import Plan
 from .failure import RunError
 
@@ -155,26 +156,6 @@ class RunLog:
                         for c in changes]})
 
 
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() == 0:
-            return b""
-        f.seek(-1, os.SEEK_END)
-        return f.read(1)
-
-
-def read_json_lines(path: str | Path) -> list[dict]:
-    """Every line of a JSON-lines file that parses (a job killed mid-write leaves a torn one)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
-
-
 class ResultsFile:
     """``--results FILE``: a header line, then one JSON line per finished image."""
 
@@ -210,7 +191,7 @@ class ResultsFile:
             self.file = open(self.path, "a")
             if self.fresh:
                 self._write({"kind": "header", "tool": "edgeci-mpi run", "stream": self.header})
-            elif _last_byte(self.path) not in (b"", b"\n"):
+            elif ends_torn(self.path):
                 self.file.write("\n")  # end a torn line before appending
         self._write({"kind": "image", "image": image, "label": label, "reference_s": ref_s,
                      "runs": [{"strategy": run.plan.strategy, "latency_s": r.total_s,
@@ -309,6 +290,11 @@ def summarise(rec: RunRecord) -> str:
             lines.append(f"  verify: {'OK' if v['ok'] else 'FAILED'}  max|diff| "
                          f"{worst['max_abs_diff']:.3g} vs tolerance {worst['tolerance']:.3g} "
                          f"(1e-4 x max|output|) over {len(v['images'])} image(s)")
+        if rec.reference_s and run["latency_median_s"]:  # the same images, interleaved
+            ref = statistics.median(rec.reference_s)
+            lines.append(f"  speedup over model(x) on rank 0: {ref / run['latency_median_s']:.2f}x "
+                         f"({run['strategy']} {_ms(run['latency_median_s'])} ms vs "
+                         f"{_ms(ref)} ms)")
         if run["top5"]:
             labels = rec.labels()
             for i, t5 in enumerate(run["top5"][:4]):
