@@ -1,14 +1,17 @@
 """Helpers the peer-system baselines share (MoDNN, DeepThings, EdgeLD, AOFL and the EdgeCI
 ablations): devices ranked by speed, row strips proportional to speed, tile times from the
-cost model, and the EdgeLD-style fusion points (one block per resolution stage).
+cost model, the EdgeLD-style fusion points (one block per resolution stage) and AOFL's
+memoised recursive search over fusing points.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from functools import lru_cache
+from typing import Callable, Sequence
 
 from ..awas import proportional
 from ..cost import Cluster, DeviceArrays
 from ..geometry import Interval, split_sizes
+from ..plan import Block
 from ..units import BlockGeom, ModelSpec, UnitSpec
 
 Rect = tuple[int, Interval, Interval]
@@ -93,4 +96,23 @@ def stage_blocks(spec: ModelSpec) -> list[tuple[int, int]]:
     return blocks
 
 
-# --- EdgeCI's per-block choice, for its ablations --------------------------------------------
+# --- fusing points by AOFL's memoised recursion -----------------------------------------------
+
+def recursive_fusion(n_units: int, block: Callable[[int, int], Block]) -> list[Block]:
+    """AOFL's search for fusing points (Zhou et al., SEC 2019): the cheapest split of units
+    ``[0, n)`` into fused blocks, by the top-down recursion ``best(j) = min_i best(i) +
+    cost(i, j)`` memoised on ``j`` (``block(i, j)`` is the priced choice for units ``[i, j)``,
+    called once per pair).  Asking ``best(i)`` for ``i = 0, 1, ...`` in turn, as the generator
+    below does, keeps the recursion two frames deep on any chain length."""
+    block = lru_cache(maxsize=None)(block)
+
+    @lru_cache(maxsize=None)
+    def best(j: int) -> tuple[float, tuple[tuple[int, int], ...]]:
+        if j == 0:
+            return 0.0, ()
+        options = ((best(i)[0] + block(i, j).predicted_s, best(i)[1] + ((i, j),))
+                   for i in range(j))
+        return min(options, key=lambda x: x[0])
+
+    _, chosen = best(n_units)
+    return [block(i, j) for i, j in chosen]

@@ -33,16 +33,19 @@ overlapping parts of their intermediate maps to the gateway; tiles with ``i + j`
 reuse tiles; all their 4-neighbours are even) are queued after all even ones, and at every
 fused layer compute only their region minus the regions their up, down, left and right
 neighbours computed there, taking the rest from those neighbours.  What is modelled
-(``reuse_flops``): per op of the fused block, the reuse tile's FLOPs are those of its own
-region (``need_intervals``) trimmed on each side by the neighbour's region of that op (nothing
-where the neighbours' regions cover it), which for a chain equals ``ftp.c``'s layer-by-layer
-trimming; a reuse tile gets these FLOPs only if, in the list schedule, all its neighbours have
-finished before it starts, else it runs in full (``is_reuse_ready`` and the full-size
-"rollback" task ``frame_partitioner.c`` keeps queued).  What is not modelled: the overlap data
-DeepThings ships through the gateway (even tiles upload it, odd ones download it) is not
-charged, and a reuse tile is charged its full input region instead of its shrunk one; this
-runtime computes reuse tiles in full (the plan's FLOPs for them are what DeepThings would
-compute, noted in the plan), so the reuse option is, if anything, favoured.
+(``trimmed_regions``, ``reuse_flops``): per op of the fused block, a reuse tile computes its own
+region of that op (``need_intervals``) trimmed on each side by the neighbour's region of the
+same op (nothing where the neighbours' regions cover it); on a chain of windows no sparser than
+their stride (VGG's) this is exactly ``ftp.c``'s layer-by-layer trimming (tested), elsewhere it
+trims no more than ``ftp.c`` would.  A reuse tile gets that work only if, in the list
+schedule, all its neighbours have finished before it starts, else it runs in full
+(``is_reuse_ready`` and the full-size "rollback" task ``frame_partitioner.c`` keeps queued).
+What is not modelled: the overlap data DeepThings ships through the gateway (even tiles upload
+it, odd ones download it) is not charged - ``reuse_bytes`` estimates the download and the plan's
+notes say how much it is - and a reuse tile is charged its full input region instead of its
+shrunk one.  This runtime computes reuse tiles in full; the plan's work for them is what
+DeepThings would compute (the notes say so too).  So the reuse option is favoured, the more so
+the slower the links.
 """
 from __future__ import annotations
 
@@ -50,8 +53,9 @@ import math
 from dataclasses import dataclass
 
 from ..awas import even_layout
-from ..cost import Cluster, DeviceArrays, block_items, schedule_time, send_order
-from ..geometry import Interval
+from ..cost import (Cluster, DeviceArrays, block_items, contention, schedule_time,
+                    send_order)
+from ..geometry import Interval, clamp, length, union, window_input
 from ..plan import Block, Plan
 from ..units import BlockGeom, ModelSpec
 from .common import finish_plan, make_block, whole_block
@@ -109,31 +113,80 @@ def is_reuse_tile(i: int, j: int) -> bool:
     return (i + j) % 2 == 1
 
 
-def reuse_flops(geom: BlockGeom, row_bands: list[Interval], col_bands: list[Interval],
-                i: int, j: int) -> float:
-    """FLOPs of grid tile ``(i, j)`` computing, at every op, only what its 4-neighbours in the
-    grid do not (``remove_and_record_overlapped_region_at_output``): its own region of the op
-    trimmed by the up/down neighbours' rows and the left/right neighbours' columns there."""
+def trimmed_regions(geom: BlockGeom, row_bands: list[Interval], col_bands: list[Interval],
+                    i: int, j: int) -> list[tuple[Interval, Interval]]:
+    """Per op, the region grid tile ``(i, j)`` computes when it reuses its 4-neighbours' work
+    (``remove_and_record_overlapped_region_at_output``): its own region of the op, trimmed by
+    the up/down neighbours' rows and the left/right neighbours' columns there (empty where the
+    neighbours cover it)."""
     rows = [geom.need(0, band)[1] for band in row_bands]
     cols = [geom.need(1, band)[1] for band in col_bands]
 
-    def trim(own: Interval, before: Interval | None, after: Interval | None) -> int:
+    def trim(own: Interval, before: Interval | None, after: Interval | None) -> Interval:
         lo, hi = own
         if before is not None and before[1] > before[0]:
             lo = max(lo, before[1])
         if after is not None and after[1] > after[0]:
             hi = min(hi, after[0])
-        return max(0, hi - lo)
+        return (lo, max(lo, hi))
 
-    flops = 0.0
-    for o, op in enumerate(geom.ops):
+    out = []
+    for o in range(len(geom.ops)):
         up = rows[i - 1][o] if i > 0 else None
         down = rows[i + 1][o] if i + 1 < len(rows) else None
         left = cols[j - 1][o] if j > 0 else None
         right = cols[j + 1][o] if j + 1 < len(cols) else None
-        flops += (op.flops_per_pixel * trim(rows[i][o], up, down)
-                  * trim(cols[j][o], left, right))
-    return flops
+        out.append((trim(rows[i][o], up, down), trim(cols[j][o], left, right)))
+    return out
+
+
+def op_units(geom: BlockGeom) -> list[int]:
+    """The chain index of the unit each of the block's ops belongs to (``block_ops`` order)."""
+    return [u for u in range(geom.start, geom.stop) for _ in geom.chain.units[u].ops]
+
+
+def reuse_flops(geom: BlockGeom, row_bands: list[Interval], col_bands: list[Interval],
+                i: int, j: int) -> float:
+    """Work of grid tile ``(i, j)`` computing only its ``trimmed_regions`` (each unit's fixed
+    work counted once if the tile computes any of it, as ``ChainGeom.tile_work`` does)."""
+    units = geom.chain.units
+    work, called = 0.0, set()
+    for op, u, (r, c) in zip(geom.ops, op_units(geom),
+                             trimmed_regions(geom, row_bands, col_bands, i, j)):
+        area = length(r) * length(c)
+        work += op.flops_per_pixel * area
+        if area and u not in called:
+            called.add(u)
+            work += units[u].fixed_work
+    return work
+
+
+def reuse_bytes(geom: BlockGeom, row_bands: list[Interval], col_bands: list[Interval],
+                i: int, j: int) -> int:
+    """Bytes of overlap data reuse tile ``(i, j)`` takes from its neighbours (through the
+    gateway in DeepThings): per op, what the tile's trimmed consumers read of that op's map
+    beyond what it computed itself.  An op's channels are taken as its unit's output
+    channels (exact for VGG and basic residual blocks)."""
+    regions = trimmed_regions(geom, row_bands, col_bands, i, j)
+    channels = [geom.chain.units[u].out_chw[0] for u in op_units(geom)]
+    needed: list[list[Interval | None]] = [[None, None] for _ in geom.ops]
+    for c, op in enumerate(geom.ops):
+        for src in op.inputs:
+            if src < 0:
+                continue
+            for axis in (0, 1):
+                want = regions[c][axis]
+                if op.windows and length(want):
+                    want = window_input(want, op.windows[axis])
+                size = geom.ops[src].out_hw[axis]
+                needed[src][axis] = union(needed[src][axis], clamp(want, size))
+    total = 0
+    for o, (r, c) in enumerate(regions):
+        nr, nc = needed[o]
+        if nr is None or nc is None:
+            continue
+        total += channels[o] * max(0, length(nr) * length(nc) - length(r) * length(c))
+    return total * geom.bytes_per_element
 
 
 @dataclass
@@ -172,10 +225,19 @@ def steal(arr: DeviceArrays, n: int, tasks: list[Task]) -> list[tuple[int, float
     return out
 
 
+@dataclass
+class ReuseStats:
+    """What data reuse did in one FTP block: tiles that got reduced work, FLOPs they saved, and
+    the overlap data they would take from their neighbours (not charged, see the module)."""
+
+    tiles: int = 0
+    flops_saved: float = 0.0
+    overlap_bytes: int = 0
+
+
 def ftp_block(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, opt: FtpOption
-              ) -> tuple[Block, int, float]:
-    """The fused prefix under ``opt``: (block, reuse tiles that got their reduced work, FLOPs
-    saved by them)."""
+              ) -> tuple[Block, ReuseStats]:
+    """The fused prefix under ``opt``, and what data reuse did in it."""
     geom = BlockGeom.of(spec, 0, opt.stop)
     _, h, w = geom.out_chw
     layout = even_layout(h, w, opt.rows * opt.cols, opt.rows)
@@ -193,20 +255,26 @@ def ftp_block(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, opt: FtpOpti
     placed = steal(arr, len(cluster), tasks)
     block = make_block(spec, cluster, 0, opt.stop,
                        [(d, t.rows, t.cols) for t, (d, _) in zip(tasks, placed)])
-    reduced = {(t.rows, t.cols): f for t, (_, f) in zip(tasks, placed) if f < t.work[0]}
-    saved = 0.0
+    stats = ReuseStats()
+    reduced = {}
+    for t, (_, f) in zip(tasks, placed):
+        if f < t.work[0]:
+            reduced[(t.rows, t.cols)] = f
+            stats.tiles += 1
+            stats.flops_saved += t.work[0] - f
+            stats.overlap_bytes += reuse_bytes(geom, row_bands, col_bands, t.i, t.j)
+    slow = contention(cluster, [t.device for t in block.tiles])
     for tile in block.tiles:
         f = reduced.get((tile.out_rows, tile.out_cols))
         if f is not None:
-            saved += tile.flops - f
             tile.flops = f
-            tile.compute_s = cluster.devices[tile.device].compute_time(f)
+            tile.compute_s = cluster.devices[tile.device].compute_time(f) * slow[tile.device]
     if reduced:  # re-price with the reduced work, in the cost model's scatter order
         items = block_items(block, spec.bytes_per_element)
         order = send_order(items, cluster)
         block.tiles = [block.tiles[q] for q in order]
         block.predicted_s = schedule_time(cluster, [items[q] for q in order])
-    return block, len(reduced), saved
+    return block, stats
 
 
 def plan_ftp(spec: ModelSpec, cluster: Cluster, opt: FtpOption,
@@ -214,14 +282,16 @@ def plan_ftp(spec: ModelSpec, cluster: Cluster, opt: FtpOption,
     """DeepThings' plan under one option: the FTP prefix, then the rest on the coordinator
     (``rest``, if given, is that block, already priced)."""
     arr = arr or DeviceArrays(cluster)
-    block, n_reused, saved = ftp_block(spec, cluster, arr, opt)
+    block, reuse = ftp_block(spec, cluster, arr, opt)
     blocks = [block]
     if opt.stop < len(spec.units):
         blocks.append(rest or whole_block(spec, cluster, opt.stop, len(spec.units)))
     notes = [f"{opt.describe()}, rest on device 0"]
     if opt.reuse:
-        notes.append(f"data reuse: {n_reused} tiles computed {saved / 1e6:.0f} MFLOP less, as "
-                     f"DeepThings would; this runtime computes them in full")
+        notes.append(f"data reuse: {reuse.tiles} tiles compute {reuse.flops_saved / 1e6:.0f} "
+                     f"MFLOP less, as DeepThings would (this runtime computes them in full); "
+                     f"their {reuse.overlap_bytes / 1e6:.1f} MB of overlap data from the "
+                     f"neighbours (DeepThings: via the gateway, up and down) is not charged")
     return finish_plan(spec, cluster, "deepthings", blocks, notes)
 
 
@@ -244,6 +314,6 @@ def best_ftp(spec: ModelSpec, cluster: Cluster) -> tuple[FtpOption, Plan]:
 def plan_deepthings(spec: ModelSpec, cluster: Cluster) -> Plan:
     if not spec.units:
         return finish_plan(spec, cluster, "deepthings", [])
-    opt, plan = best_ftp(spec, cluster)
+    _, plan = best_ftp(spec, cluster)
     plan.notes.append(f"best of {len(ftp_options(spec))} DeepThings options by predicted latency")
     return plan
