@@ -1,13 +1,15 @@
 """The network-namespace test cluster (issue 5, item 1): bring-up, teardown, a real run.
 
-Plain pytest (not MPI-marked): each test builds its own cluster as root and launches
-``mpiexec`` inside it.  The tests that need a cluster skip, with the reason, when not root,
-when ``ip netns`` or ``tc ... tbf`` do not work, or when the venv has no ``mpiexec``.  Every
-subprocess runs under a timeout; after each test no namespace of ours may be left.
+Plain pytest (not MPI-marked): each test builds its own cluster (``edgeci_mpi.testbed``) as
+root and launches ``mpiexec`` inside it; CPU quotas are tested in ``tests/test_testbed.py``.
+The tests that need a cluster skip, with the reason, when not root, when ``ip netns`` or
+``tc ... tbf`` do not work, or when the venv has no ``mpiexec``.  Every subprocess runs under
+a timeout; after each test no namespace of ours may be left.
 """
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from edgeci_mpi import netcluster as nc
+from edgeci_mpi import testbed as nc
+from edgeci_mpi.testbed.hosts import ns_pids
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
-CLI = [sys.executable, "-m", "edgeci_mpi.netcluster"]
+CLI = [sys.executable, "-m", "edgeci_mpi.testbed"]
+OLD_CLI = [sys.executable, "-m", "edgeci_mpi.netcluster"]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +40,17 @@ def nothing_left(can_cluster):
     """Our namespaces and the root namespace's links are the same after the test."""
     before_ns, before_links = set(nc.our_namespaces()), _root_links()
     yield
-    assert set(nc.our_namespaces()) <= before_ns, "namespaces left behind"
+    assert leaked(set(nc.our_namespaces()) - before_ns) == [], "namespaces left behind"
     assert _root_links() <= before_links, "links left in the root namespace"
+
+
+def leaked(new_names: set[str]) -> list[str]:
+    """New testbed names that are this test's: made by this process or by a testbed process
+    that is gone.  (A live foreign pid is another user's run on the same machine.)"""
+    from edgeci_mpi.testbed.procs import alive, pid_of_prefix
+
+    return sorted(n for n in new_names if (pid := pid_of_prefix(n, nc.PREFIX)) is not None
+                  and (pid == os.getpid() or not alive(pid)))
 
 
 def _root_links() -> set[str]:
@@ -49,6 +62,18 @@ def _root_links() -> set[str]:
 
 def test_negative_delay_is_a_clear_error():
     r = subprocess.run([*CLI, "run", "--delay-ms", "-1", "--", "true"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "--delay-ms" in r.stderr
+
+
+def test_the_old_name_still_works():
+    """``python -m edgeci_mpi.netcluster`` and ``from edgeci_mpi.netcluster import ...`` (as
+    jobs/bench_links.py does) forward to the testbed package."""
+    from edgeci_mpi import netcluster
+
+    assert netcluster.NetCluster is nc.NetCluster
+    assert callable(netcluster._mpiexec) and callable(netcluster.unsupported_reason)
+    r = subprocess.run([*OLD_CLI, "run", "--delay-ms", "-1", "--", "true"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "--delay-ms" in r.stderr
 
@@ -65,6 +90,7 @@ def test_slow_and_tbf_arguments():
 
 # --- real clusters --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bring_up_and_teardown(nothing_left):
     with nc.NetCluster(hosts=2, mbit=50, slow={1: 5}) as c:
         assert sorted(nc.our_namespaces(c.prefix)) == sorted(
@@ -83,6 +109,7 @@ def test_bring_up_and_teardown(nothing_left):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_error_inside_the_block_tears_down(nothing_left):
     with pytest.raises(RuntimeError, match="boom"):
         with nc.NetCluster(hosts=2) as c:
@@ -91,6 +118,7 @@ def test_error_inside_the_block_tears_down(nothing_left):
     assert nc.our_namespaces(prefix) == []
 
 
+@pytest.mark.slow
 def test_two_host_run_over_shaped_link(nothing_left, tmp_path):
     """ResNet-34 across two namespaces, verified; the measured link matches the shaping."""
     out = tmp_path / "run.json"
@@ -120,6 +148,7 @@ if c.rank == 0: print("rtt_ms", best * 1e3)
 """
 
 
+@pytest.mark.slow
 def test_delay_through_the_forwarder(nothing_left):
     """--delay-ms: a small MPI ping-pong's round trip is twice the one-way delay."""
     with nc.NetCluster(hosts=2, mbit=50, delay_ms=5) as c:
@@ -131,6 +160,7 @@ def test_delay_through_the_forwarder(nothing_left):
         assert 10.0 <= rtt < 20.0, f"round trip {rtt:.1f} ms with a 5 ms one-way delay"
 
 
+@pytest.mark.slow
 def test_failing_command_tears_down(nothing_left):
     r = subprocess.run([*CLI, "run", "--hosts", "2", "--timeout", "60", "--", sys.executable,
                         "-c", "import sys; sys.exit(5)"], capture_output=True, text=True,
@@ -141,6 +171,7 @@ def test_failing_command_tears_down(nothing_left):
     assert r.returncode == 7
 
 
+@pytest.mark.slow
 def test_sigterm_tears_down(nothing_left):
     proc = subprocess.Popen([*CLI, "run", "--hosts", "2", "--raw", "--", "sleep", "120"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -161,4 +192,4 @@ def test_sigterm_tears_down(nothing_left):
 
 
 def _sleeping_in(prefix: str) -> bool:
-    return any(nc._ns_pids(ns) for ns in nc.our_namespaces(prefix))
+    return any(ns_pids(ns) for ns in nc.our_namespaces(prefix))
