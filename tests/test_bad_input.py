@@ -1,20 +1,25 @@
 """Bad input, all of it (issue 5, item 5): one line, a non-zero exit, within seconds.
 
-Three layers, cheapest first:
+Four layers, cheapest first:
 
 * the launcher (``edgeci-mpi launch``) in-process: hostfile formats and every way a hostfile
   or the MPI launcher can be wrong, the mpiexec line for MPICH and Open MPI, and the reading
   of mpiexec's "BAD TERMINATION" output - no MPI, milliseconds;
 * image files in-process (alpha, CMYK, 16-bit, too small): ``runtime.images.load_image``;
-* end to end, ``launch -n 2 -- run ...`` in a subprocess under ``timeout``: weights, shapes,
-  cluster files, image folders, more ranks than tiles and a rank killed mid-run.  Each asserts
-  the exit code, exactly one ``edgeci-mpi: error`` line naming the cause, no traceback, and
-  that the job ended within seconds of that line (30 s allowed: every rank leaves through
-MPI_Finalize and interpreter teardown, measured up to 11 s at load average 8 on 2 cores).
+* every bad ``run`` input in-process (``RUN_CASES``: model, shape, images, image folders,
+  cluster files, strategy, weights, a map that becomes empty), through the CLI's parser,
+  ``run_guarded`` and the app's phases on a stand-in for rank 0's communicator (``RankZero``):
+  exit 2 and exactly one ``edgeci-mpi: error on rank 0 (...)`` line; ``plan`` and ``simulate``
+  through ``cli.main``; argparse errors printed by rank 0 only;
+* end to end, ``launch -n 2 -- run ...`` in a subprocess under ``timeout`` (``slow``): a few of
+  ``RUN_CASES`` again, one per way a refusal travels between ranks, more ranks than tiles, a
+  rank killed mid-run.  Each asserts the exit code, exactly one ``edgeci-mpi: error`` line
+  naming the cause, no traceback, and that the job ended within seconds of that line (30 s
+  allowed: every rank leaves through MPI_Finalize and interpreter teardown, measured up to
+  11 s at load average 8 on 2 cores).
 
-``tests/test_cli_run.py`` already covers unknown model, malformed ``--input``, missing and
-corrupt image, a cluster file with an unknown key, unknown strategy, missing weights file and
-a bad argument value under raw ``mpiexec``; they are not repeated here.
+``tests/test_cli_run.py`` launches two more refusals (unknown model, corrupt image) and a bad
+argument value under raw ``mpiexec``.
 """
 from __future__ import annotations
 
@@ -213,6 +218,172 @@ def test_image_accepted(image_files, name):
     assert tuple(images.load_image(image_files / name, (3, 64, 64)).shape) == (1, 3, 64, 64)
 
 
+# --- files the checks below refuse ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory) -> dict[str, Path]:
+    import torch
+    import torchvision
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("bad-files")
+    (d / "garbage.pt").write_bytes(bytes(range(256)) * 4)
+    torch.save([1, 2, 3], d / "list.pt")
+    torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), d / "shapes.pt")
+    torch.save(torchvision.models.resnet18().state_dict(), d / "resnet18.pt")
+    (d / "syntax.toml").write_text("[[device]\nname = 'a'\n")
+    (d / "unknown_key.toml").write_text('[[device]]\nname = "a"\ngflop = 3\n')
+    (d / "empty").mkdir()
+    (d / "empty" / "notes.txt").write_text("not an image")
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    Image.new("RGBA", (80, 80)).save(d / "rgba.png")
+    return {k: d / v for k, v in [("garbage", "garbage.pt"), ("list", "list.pt"),
+                                  ("shapes", "shapes.pt"), ("resnet18", "resnet18.pt"),
+                                  ("syntax", "syntax.toml"), ("unknown_key", "unknown_key.toml"),
+                                  ("empty", "empty"), ("corrupt", "corrupt.png"),
+                                  ("rgba", "rgba.png"), ("missing", "missing.png")]}
+
+
+def run_args(args: list[str], files: dict[str, Path]) -> list[str]:
+    """``run`` arguments with the file names filled in and resnet34 on 3x64x64 by default."""
+    args = [a.format(**files) for a in args]
+    model = [] if "--model" in args else ["--model", "resnet34"]
+    shape = [] if "--input" in args else ["--input", "3x64x64"]
+    return [*model, *shape, *args, "--warmup", "0"]
+
+
+#: Every bad ``run`` input tried: (id, arguments, what rank 0's one line must say).  Rank 0
+#: finds the first group while validating, before any collective; every rank finds the
+#: weights and shape errors while building and tracing the model (then rank 0 reports).
+RUN_CASES = [
+    ("unknown-model", ["--model", "resnet_nope"], "unknown model 'resnet_nope'"),
+    ("input-malformed", ["--input", "3x64"], "bad input shape '3x64'"),
+    ("image-missing", ["--image", "{missing}"], "does not exist"),
+    ("image-corrupt", ["--image", "{corrupt}"], "cannot read image"),
+    ("image-rgba", ["--image", "{rgba}"], "has an alpha channel"),
+    ("folder-without-images", ["--image-dir", "{empty}"], "holds no image files"),
+    ("cluster-syntax", ["--cluster", "{syntax}"], "TOML syntax error"),
+    ("cluster-unknown-key", ["--cluster", "{unknown_key}"],
+     "[[device]] #1 (line 3): unknown key 'gflop'"),
+    ("strategy", ["--strategy", "nope"], "unknown strategy nope"),
+    ("weights-missing", ["--weights", "{missing}"], "weights file"),
+    ("weights-garbage", ["--weights", "{garbage}"], "not a PyTorch state-dict file"),
+    ("weights-not-a-dict", ["--weights", "{list}"], "holds a list, not a state dict"),
+    ("weights-wrong-shapes", ["--weights", "{shapes}"],
+     "wrong shape: fc.weight 10x512 (model 1000x512)"),
+    ("weights-other-model", ["--weights", "{resnet18}"], "missing: layer1.2.conv1.weight"),
+    ("input-channels", ["--input", "4x64x64"], "cannot run on input 4x64x64 at conv1"),
+    ("map-becomes-empty", ["--model", "vgg11", "--input", "3x16x16"],
+     "vgg11 cannot run on input 3x16x16 at features.20: Given input size: (512x1x1)"),
+]
+CASE = {c[0]: c for c in RUN_CASES}
+
+
+def assert_one_line_on_rank_0(err: str, expect: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.startswith("edgeci-mpi: error")]
+    assert len(lines) == 1 and lines[0].startswith("edgeci-mpi: error on rank 0 ("), err
+    assert expect in lines[0], err
+    assert "Traceback" not in err, err
+
+
+# --- run's checks, in-process ------------------------------------------------------------------
+
+class RankZero:
+    """Rank 0's communicator in a job of ``size`` ranks, for the phases of ``runtime.app``
+    that can refuse input (validation, then building and tracing the model): ``bcast`` hands
+    rank 0's value on and ``allgather`` reports that every rank found what rank 0 found -
+    true of the build phase (every rank builds the same model), and in validation only rank 0
+    looks, so it is the rank named either way.  Anything later needs real peers: the test
+    then fails on the exit code, with the error ``run_guarded`` printed."""
+
+    rank, host = 0, "in-process"
+
+    def __init__(self, size: int):
+        self.size = self.ranks_on_host = size
+        self.aborted: int | None = None
+
+    def bcast(self, obj, what: str, root: int = 0):
+        return obj
+
+    def allgather(self, obj, what: str) -> list:
+        return [obj] * self.size
+
+    def abort(self, code: int = 1) -> None:
+        self.aborted = code
+
+
+def run_in_process(argv: list[str], ranks: int = 2) -> int:
+    """``edgeci-mpi run ARGV`` as rank 0 runs it (the CLI's parser, ``run_guarded``, the
+    app's phases) without MPI; the exit code, the error line on stderr."""
+    import torch
+
+    from edgeci_mpi.cli import build_parser
+    from edgeci_mpi.runtime.app import _run
+    from edgeci_mpi.runtime.failure import run_guarded
+
+    args = build_parser().parse_args(["run", *argv])
+    comm = RankZero(ranks)
+    threads = torch.get_num_threads()  # the app sets the threads of "its" process
+    try:
+        return run_guarded(comm, lambda: _run(comm, args))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("case,args,expect", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+def test_bad_run_input_in_process(case, args, expect, bad, capsys):
+    rc = run_in_process(run_args(args, bad), ranks=3)
+    captured = capsys.readouterr()
+    assert rc == 2, captured.err
+    assert_one_line_on_rank_0(captured.err, expect)
+    assert captured.out == ""
+
+
+def test_bad_argument_value_usage_on_rank_0_only(capsys, monkeypatch):
+    """argparse errors: every rank exits 2 before MPI starts; only rank 0 prints the usage."""
+    from edgeci_mpi.cli import main
+
+    monkeypatch.delenv("PMI_RANK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--images", "many"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("invalid int value") == 1 and err.startswith("usage: edgeci-mpi run")
+    monkeypatch.setenv("PMI_RANK", "3")
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--images", "many"])
+    assert e.value.code == 2 and capsys.readouterr().err == ""
+
+
+#: ``plan``/``simulate`` arguments and what their one line must say.
+CLI_CASES = [
+    (["plan", "--model", "resnet_nope"], "unknown model 'resnet_nope'"),
+    (["plan", "--input", "3x64"], "bad input shape '3x64'"),
+    (["plan", "--cluster", "nope"], "unknown cluster 'nope'"),
+    (["plan", "--cluster", "{unknown_key}"], "[[device]] #1 (line 3): unknown key 'gflop'"),
+    (["plan", "--weights", "{missing}"], "weights file"),
+    (["plan", "--weights", "{shapes}"], "wrong shape: fc.weight 10x512 (model 1000x512)"),
+    (["plan", "--input", "4x64x64"], "cannot run on input 4x64x64 at conv1"),
+    (["plan", "--model", "vgg11", "--input", "3x16x16"], "at features.20"),
+    (["simulate", "--strategy", "nope"], "unknown strategy nope"),
+    (["simulate", "--devices", "0"], "a cluster needs at least one device"),
+]
+
+
+@pytest.mark.parametrize("argv,expect", CLI_CASES,
+                         ids=["-".join(a).replace("--", "") for a, _ in CLI_CASES])
+def test_plan_and_simulate_refuse_in_one_line(argv, expect, bad, capsys):
+    """``plan`` and ``simulate`` need no MPI: the CLI itself, in-process."""
+    from edgeci_mpi.cli import main
+
+    argv = [a.format(**bad) for a in argv]
+    if "--input" not in argv:
+        argv += ["--input", "3x64x64"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("edgeci-mpi: error: ") and expect in err, err
+
+
 # --- end to end: launch -n 2 -- run ... ---------------------------------------------------------
 
 def launch(*args: str, n: int = 2, limit: int = 120, cache: Path | None = None,
@@ -227,69 +398,26 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("edgeci-cache")
 
 
-@pytest.fixture(scope="module")
-def bad(tmp_path_factory) -> dict[str, Path]:
-    import torch
-    import torchvision
-
-    d = tmp_path_factory.mktemp("bad-e2e")
-    (d / "garbage.pt").write_bytes(bytes(range(256)) * 4)
-    torch.save([1, 2, 3], d / "list.pt")
-    torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), d / "shapes.pt")
-    torch.save(torchvision.models.resnet18().state_dict(), d / "resnet18.pt")
-    (d / "syntax.toml").write_text("[[device]\nname = 'a'\n")
-    (d / "empty").mkdir()
-    (d / "empty" / "notes.txt").write_text("not an image")
-    from PIL import Image
-
-    Image.new("RGBA", (80, 80)).save(d / "rgba.png")
-    return {k: d / v for k, v in [("garbage", "garbage.pt"), ("list", "list.pt"),
-                                  ("shapes", "shapes.pt"), ("resnet18", "resnet18.pt"),
-                                  ("syntax", "syntax.toml"), ("empty", "empty"),
-                                  ("rgba", "rgba.png")]}
-
-
-E2E = [
-    ("weights-garbage", ["--weights", "{garbage}"], "not a PyTorch state-dict file"),
-    ("weights-not-a-dict", ["--weights", "{list}"], "holds a list, not a state dict"),
-    ("weights-wrong-shapes", ["--weights", "{shapes}"],
-     "wrong shape: fc.weight 10x512 (model 1000x512)"),
-    ("weights-other-model", ["--weights", "{resnet18}"], "missing: layer1.2.conv1.weight"),
-    ("cluster-syntax", ["--cluster", "{syntax}"], "TOML syntax error"),
-    ("folder-without-images", ["--image-dir", "{empty}"], "holds no image files"),
-    ("input-channels", ["--input", "4x64x64"], "cannot run on input 4x64x64 at conv1"),
-    ("map-becomes-empty", ["--model", "vgg11", "--input", "3x16x16"],
-     "vgg11 cannot run on input 3x16x16 at features.20: Given input size: (512x1x1)"),
-]
+#: A few of RUN_CASES again under a real launch, one per way a refusal travels: found by rank
+#: 0 alone while validating (a cluster file, an image), and by every rank while building
+#: (weights) or tracing (a map that becomes empty).  tests/test_cli_run.py launches two more
+#: under raw mpiexec.
+E2E = ["cluster-syntax", "image-rgba", "weights-wrong-shapes", "map-becomes-empty"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case,args,expect", E2E, ids=[c[0] for c in E2E])
-def test_bad_input_end_to_end(case, args, expect, bad, cache):
-    args = [a.format(**bad) for a in args]
-    base = [] if "--input" in args else ["--input", "3x64x64"]
-    model = [] if "--model" in args else ["--model", "resnet34"]
-    r = launch(*model, *base, *args, "--warmup", "0", cache=cache)
+@pytest.mark.parametrize("case", E2E)
+def test_bad_input_end_to_end(case, bad, cache):
+    _, args, expect = CASE[case]
+    r = launch(*run_args(args, bad), cache=cache)
     assert r.rc == 2, r
-    lines = r.error_lines()
-    assert len(lines) == 1 and lines[0].startswith("edgeci-mpi: error on rank 0 ("), r
-    assert expect in lines[0], r
-    assert "Traceback" not in r.err, r
+    assert_one_line_on_rank_0(r.err, expect)
     # Every rank leaves through MPI_Finalize after the agreed failure; on a loaded 2-core
     # machine interpreter teardown alone took up to 11 s (load average 8).
     assert r.error_after is not None and r.error_after < 30, r
     assert r.seconds < 120, r
 
 
-@pytest.mark.slow
-def test_rgba_image_end_to_end(bad, cache):
-    r = launch("--model", "resnet34", "--input", "3x64x64", "--image", str(bad["rgba"]),
-               cache=cache)
-    assert r.rc == 2 and len(r.error_lines()) == 1, r
-    assert "alpha channel" in r.error_lines()[0], r
-
-
-@pytest.mark.slow
 def test_launcher_errors_end_to_end(tmp_path):
     """The launcher refuses before mpiexec starts: one line, exit 2 (no torch, no MPI)."""
     hosts = write(tmp_path, "hosts", "localhost\npi1 slots 2\n")

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from edgeci_mpi.cost import Cluster, Device
+from edgeci_mpi.jsonlines import read_json_lines
 from edgeci_mpi.plan import Block, Plan, Tile
 from edgeci_mpi.runtime.adapt import THRESHOLD, Adapter
 from edgeci_mpi.runtime.engine import ImageResult
 from edgeci_mpi.runtime.failure import RunError
-from edgeci_mpi.runtime.results import ResultsFile, RunLog, read_json_lines
+from edgeci_mpi.runtime.results import ResultsFile, RunLog
 
 
 def three_device_plan() -> tuple[Plan, Cluster]:

@@ -109,6 +109,7 @@ class RunRecord:
             "head_predicted_s": plan.head_s,
             "head_measured_s": statistics.median([r.head_s for r in last]) if last else None,
             "plan_versions": [r.version for r in results], "replans": run.replans,
+            "bytes_per_image": _bytes_per_rank(last),
             "verify": verify,
             "top5": top if any(t is not None for t in top) else None,
         })
@@ -124,6 +125,7 @@ class RunRecord:
             "weights_checksum": self.checksum,
             "emulated": bool(self.emulated), "emulated_ranks": self.emulated,
             "cluster": {"name": self.cluster.name, "source": self.cluster.source,
+                        "network": self.cluster.network,
                         "notes": list(self.cluster.notes),
                         "devices": [asdict(d) for d in self.cluster.devices]},
             "reports": [r.to_dict() for r in self.reports],
@@ -134,6 +136,17 @@ class RunRecord:
             "runs": self.runs, "verified": self.verified if any(r["verify"] for r in self.runs)
             else None,
         }
+
+
+def _bytes_per_rank(results) -> dict | None:
+    """Each rank's data-path bytes (tiles and pieces) sent and received per image, the median
+    over the images of the plan in the record (issue 10: what device-to-device saves)."""
+    if not results or not any(getattr(r, "bytes", None) for r in results):
+        return None
+    ranks = sorted({k for r in results for k in r.bytes})
+    return {str(k): {"sent": statistics.median([r.bytes.get(k, (0, 0))[0] for r in results]),
+                     "received": statistics.median([r.bytes.get(k, (0, 0))[1] for r in results])}
+            for k in ranks}
 
 
 class RunLog:
@@ -244,6 +257,7 @@ def summarise(rec: RunRecord) -> str:
                      f"devices of cluster {rec.cluster.name!r} (compute stretched, links delayed)")
     else:
         lines.append("cluster: measured capability reports (nothing emulated)")
+    lines.append(f"network: {rec.cluster.network} (planned for; --network)")
     lines.append(f"  {'rank':>4} {'host':<12} {'device':<22} {'GFLOP/s':>8} {'ovh ms':>7} "
                  f"{'lat ms':>7} {'MB/s':>9}")
     for r, (rep, dev) in enumerate(zip(rec.reports, rec.cluster.devices)):
@@ -277,6 +291,12 @@ def summarise(rec: RunRecord) -> str:
                          f"{_ms(b['measured_s']):>8}")
         lines.append(f"  {'':>3} {'':>7}  {'head (rank 0)':<30} {'':>5} {'0':<12} "
                      f"{_ms(run['head_predicted_s']):>8} {_ms(run['head_measured_s']):>8}")
+        moved = run.get("bytes_per_image")
+        if moved:
+            total = sum(v["sent"] for v in moved.values())
+            r0 = moved.get("0", {"sent": 0, "received": 0})
+            lines.append(f"  data per image: {total / 1e6:.2f} MB sent in all; rank 0 sent "
+                         f"{r0['sent'] / 1e6:.2f} MB, received {r0['received'] / 1e6:.2f} MB")
         for r in run["replans"]:
             who = ", ".join(f"rank {c['rank']} {c['slowdown']:.1f}x "
                             f"{'slower' if c['slowdown'] > 1 else 'faster'}"
@@ -290,11 +310,10 @@ def summarise(rec: RunRecord) -> str:
             lines.append(f"  verify: {'OK' if v['ok'] else 'FAILED'}  max|diff| "
                          f"{worst['max_abs_diff']:.3g} vs tolerance {worst['tolerance']:.3g} "
                          f"(1e-4 x max|output|) over {len(v['images'])} image(s)")
-        if rec.reference_s and run["latency_median_s"]:  # the same images, interleaved
+        if rec.reference_s and (lat_s := run["latency_median_s"]):  # same images, interleaved
             ref = statistics.median(rec.reference_s)
-            lines.append(f"  speedup over model(x) on rank 0: {ref / run['latency_median_s']:.2f}x "
-                         f"({run['strategy']} {_ms(run['latency_median_s'])} ms vs "
-                         f"{_ms(ref)} ms)")
+            lines.append(f"  speedup over model(x) on rank 0: {ref / lat_s:.2f}x "
+                         f"({run['strategy']} {_ms(lat_s)} ms vs {_ms(ref)} ms)")
         if run["top5"]:
             labels = rec.labels()
             for i, t5 in enumerate(run["top5"][:4]):
