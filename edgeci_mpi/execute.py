@@ -3,8 +3,15 @@
 ``BlockRunner.run`` interprets the block's fx nodes on a sub-tensor: every conv/pool reads
 exactly the input region geometry says, gets its own padding only where that region was cut
 by the true border (zeros for conv and avg pool, -inf for max pool, PyTorch's divisors for avg
-pool, ceil_mode overhang included) and then runs with padding 0.  The MPI runtime calls the same
-``run`` on every rank, so the in-process executor is the reference it must match.
+pool, ceil_mode overhang included) and then runs with padding 0.  An explicit constant pad is the
+same rule with its own value at the true border and no op after it; a spatial slice takes its
+stride from the region it reads; an interpolation gathers the taps ``geometry.Resample`` names
+and blends them with its weights.  Element-wise ops run on the tile as they are, wherever the
+map's rows and columns sit (``NodeKind.axes``: a ConvNeXt block's channels-last layer norm and
+linears), constant operands cut to the tile where they broadcast against it; ops that restate
+the tensor's extent (``view``, ``reshape``, ``flatten``, ``expand``) are re-run with the tile's
+rows and columns.  The MPI runtime calls the same ``run`` on every rank, so the in-process
+executor is the reference it must match.
 """
 from __future__ import annotations
 
@@ -17,9 +24,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .geometry import Interval, border_pads, clamp, window_input
-from .graph import ModelGraph, data_inputs
+from .geometry import Interval, Resample, border_pads, clamp, window_input
+from .graph import ModelGraph
+from .opkinds import NodeKind, data_inputs, is_tuple, tensor_metas
 from .units import BlockGeom
+
+NCHW = (2, 3)
 
 
 class BlockRunner:
@@ -34,6 +44,8 @@ class BlockRunner:
         self.modules = {n: mg.gm.get_submodule(n.target) for n in self.nodes
                         if n.op == "call_module"}
         self.inputs = {n: data_inputs(n) for n in self.nodes}
+        self.axes = {n: mg.kinds[n].axes for n in self.nodes}
+        self.axes[self.input_node] = NCHW
         last_use: dict[fx.Node, int] = {}
         for i, n in enumerate(self.nodes):
             for a in self.inputs[n]:
@@ -57,7 +69,7 @@ class BlockRunner:
         if x.shape[2] != in_r[1] - in_r[0] or x.shape[3] != in_c_iv[1] - in_c_iv[0]:
             raise ValueError(f"tile input is {tuple(x.shape[2:])}, geometry needs "
                              f"{(in_r[1] - in_r[0], in_c_iv[1] - in_c_iv[0])}")
-        env: dict[fx.Node, tuple[torch.Tensor, Interval, Interval]] = {
+        env: dict[fx.Node, tuple[Any, Interval, Interval]] = {
             self.input_node: (x, in_r, in_c_iv)}
         sizes = {self.input_node: (in_h, in_w)}
         if self.mutates_input:  # an in-place op must not write into the caller's map
@@ -69,57 +81,71 @@ class BlockRunner:
             sizes[node] = op.out_hw
             kind = self.mg.kinds[node]
             if r[1] <= r[0] or c[1] <= c[0]:  # nobody needs this op here (windows in padding)
-                y = x.new_empty(x.shape[0], int(node.meta["tensor_meta"].shape[1]),
-                                max(0, r[1] - r[0]), max(0, c[1] - c[0]))
+                y = _empty(node, kind.axes, x, r, c)
             elif kind.kind == "identity":  # adaptive pool to its own size
-                y = _crop(*env[self.inputs[node][0]], r, c)
+                y = self._fetch(self.inputs[node][0], env, r, c)
             elif kind.kind == "elementwise":
-                y = self._elementwise(node, env, r, c)
+                y = self._elementwise(node, kind, env, op.out_hw, r, c)
+            elif kind.kind == "upsample":
+                y = self._resample(node, kind, env, r, c)
+            elif kind.kind == "slice":
+                y = self._slice(node, kind, env, sizes, r, c)
             else:
-                y = self._window(node, kind.kind, env, sizes, r, c)
+                y = self._window(node, kind, env, sizes, r, c)
             env[node] = (y, r, c)
             for a in self.frees[i]:
                 if a is not self.input_node:
                     env.pop(a, None)
         return env[self.nodes[-1]][0]
 
-    def _elementwise(self, node, env, r: Interval, c: Interval) -> torch.Tensor:
-        shape = node.meta["tensor_meta"].shape
+    def _fetch(self, a: fx.Node, env, r: Interval, c: Interval) -> Any:
+        """The part ``r x c`` of node ``a``'s value, cut along its own spatial axes."""
+        return _crop(*env[a], r, c, self.axes[a])
 
+    def _elementwise(self, node, kind: NodeKind, env, hw, r: Interval, c: Interval) -> Any:
         def fetch(a: fx.Node) -> Any:
-            if a.op == "get_attr":  # a constant map (a learned per-pixel bias, say): crop it too
-                return _crop_constant(_getattr(self.mg.gm, a.target), int(shape[2]),
-                                      int(shape[3]), r, c)
-            return _crop(*env[a], r, c)
+            if a.op == "get_attr":  # a constant: cut where it broadcasts against the map
+                v = _getattr(self.mg.gm, a.target)
+                return _crop_constant(v, kind.crop, hw, r, c) if kind.crop else v
+            return self._fetch(a, env, r, c)
 
         args = fx.node.map_arg(node.args, fetch)
         kwargs = fx.node.map_arg(node.kwargs, fetch)
+        if kind.layout in ("reshape", "expand"):  # restates the extent: the tile's, not the map's
+            shape = _tile_shape(node.meta["tensor_meta"].shape, kind.axes, r, c)
+            return args[0].reshape(shape) if kind.layout == "reshape" else args[0].expand(shape)
+        if kind.layout == "index":
+            return args[0][kind.op]
         if node.op == "call_module":
             return self.modules[node](*args, **kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         return getattr(args[0], node.target)(*args[1:], **kwargs)
 
-    def _window(self, node, kind: str, env, sizes, r: Interval, c: Interval) -> torch.Tensor:
+    def _window(self, node, kind: NodeKind, env, sizes, r: Interval, c: Interval) -> torch.Tensor:
         src = self.inputs[node][0]
         t, sr, sc = env[src]
         in_h, in_w = sizes[src]
-        m = self.modules[node]
-        wr, wc = self.mg.kinds[node].windows
+        m = kind.op
+        wr, wc = kind.windows
         ir, ic = window_input(r, wr), window_input(c, wc)
         irc, icc = clamp(ir, in_h), clamp(ic, in_w)
-        crop = _crop(t, sr, sc, irc, icc)
-        if irc == (0, in_h) and icc == (0, in_w) and _whole(r, c, node):
-            return m(crop)  # whole map: the module's own padding is all true border
+        src_axes = self.axes[src]
+        crop = _crop(t, sr, sc, irc, icc, src_axes)
+        if node.op == "call_module" and irc == (0, in_h) and icc == (0, in_w) \
+                and _whole(r, c, node, kind.axes):
+            return self.modules[node](crop)  # whole map: its padding is all true border
         pr, pc = border_pads(ir, in_h), border_pads(ic, in_w)
-        fill = -math.inf if kind == "maxpool" else 0.0
+        if kind.kind == "pad":
+            return _pad_tile(crop, m, src_axes, pr, pc, kind.fill)
+        fill = -math.inf if kind.kind == "maxpool" else 0.0
         if any(pr) or any(pc):
             crop = F.pad(crop, (pc[0], pc[1], pr[0], pr[1]), value=fill)
-        if kind == "conv":
+        if kind.kind == "conv":
             return F.conv2d(crop, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
         k = (wr.kernel, wc.kernel)
         s = (wr.stride, wc.stride)
-        if kind == "maxpool":
+        if kind.kind == "maxpool":
             return F.max_pool2d(crop, k, s, 0, (wr.dilation, wc.dilation))
         total = F.avg_pool2d(crop, k, s, 0, divisor_override=1)
         if m.divisor_override:
@@ -128,6 +154,71 @@ class BlockRunner:
         dc = _avg_divisors(c, wc, in_w, m.count_include_pad)
         div = torch.tensor(dr, dtype=total.dtype)[:, None] * torch.tensor(dc, dtype=total.dtype)
         return total / div
+
+    def _slice(self, node, kind: NodeKind, env, sizes, r: Interval, c: Interval) -> torch.Tensor:
+        """``x[..., a:b:s, ...]`` on rows or columns: read the window's region, keep every s-th."""
+        src = self.inputs[node][0]
+        t, sr, sc = env[src]
+        in_h, in_w = sizes[src]
+        wr, wc = kind.windows
+        crop = _crop(t, sr, sc, clamp(window_input(r, wr), in_h), clamp(window_input(c, wc), in_w),
+                     self.axes[src])
+        return crop[kind.op]
+
+    def _resample(self, node, kind: NodeKind, env, r: Interval, c: Interval) -> torch.Tensor:
+        """Interpolation: gather each output position's taps (``Resample.taps``) and blend."""
+        src = self.inputs[node][0]
+        t, sr, sc = env[src]
+        wr, wc = kind.windows
+        ir, ic = wr.input(r), wc.input(c)
+        crop = _crop(t, sr, sc, ir, ic, NCHW)
+        return _interpolate_axis(_interpolate_axis(crop, 2, wr, r, ir[0]), 3, wc, c, ic[0])
+
+
+def _interpolate_axis(x: torch.Tensor, dim: int, rs: Resample, out: Interval,
+                      start: int) -> torch.Tensor:
+    """Output positions ``out`` of one axis from ``x``, which holds input positions from
+    ``start`` on: ``l0 * x[i0] + l1 * x[i1]`` (the second tap only where its weight is not 0,
+    so a tile never reads past the region geometry gave it)."""
+    taps = [rs.taps(o) for o in range(*out)]
+    i0 = torch.tensor([tp[0] - start for tp in taps], dtype=torch.long)
+    a = x.index_select(dim, i0)
+    if rs.mode != "linear":
+        return a
+    i1 = torch.tensor([(tp[1] if tp[3] > 0.0 else tp[0]) - start for tp in taps],
+                      dtype=torch.long)
+    shape = [1] * x.dim()
+    shape[dim] = len(taps)
+    l0 = torch.tensor([tp[2] for tp in taps], dtype=x.dtype).view(shape)
+    l1 = torch.tensor([tp[3] for tp in taps], dtype=x.dtype).view(shape)
+    return a * l0 + x.index_select(dim, i1) * l1
+
+
+def _pad_tile(crop: torch.Tensor, pads: tuple[int, ...], axes: tuple[int, int],
+              pr: tuple[int, int], pc: tuple[int, int], value: float) -> torch.Tensor:
+    """The model's ``F.pad`` with its rows' and columns' pads replaced by the true-border
+    pads of this tile (its pads on other dims, channels say, as they are)."""
+    rank = crop.dim()
+    pairs = max(len(pads) // 2, *(rank - a for a in axes))
+    p = list(pads) + [0] * (2 * pairs - len(pads))
+    for a, (before, after) in ((axes[0], pr), (axes[1], pc)):
+        k = rank - 1 - a
+        p[2 * k], p[2 * k + 1] = before, after
+    while len(p) > 2 and p[-1] == 0 and p[-2] == 0:
+        p = p[:-2]
+    return F.pad(crop, p, value=value) if any(p) else crop
+
+
+def _tile_shape(full: torch.Size, axes: tuple[int, int], r: Interval, c: Interval) -> list[int]:
+    shape = list(full)
+    shape[axes[0]], shape[axes[1]] = r[1] - r[0], c[1] - c[0]
+    return shape
+
+
+def _empty(node: fx.Node, axes, like: torch.Tensor, r: Interval, c: Interval) -> Any:
+    empties = tuple(like.new_empty(_tile_shape(m.shape, axes, r, c), dtype=m.dtype)
+                    for m in tensor_metas(node))
+    return empties if is_tuple(node) else empties[0]
 
 
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
@@ -152,9 +243,9 @@ def _mutated_arg(node: fx.Node, module: torch.nn.Module | None) -> Any:
     return None
 
 
-def _whole(r: Interval, c: Interval, node: fx.Node) -> bool:
+def _whole(r: Interval, c: Interval, node: fx.Node, axes=NCHW) -> bool:
     shape = node.meta["tensor_meta"].shape
-    return r == (0, int(shape[2])) and c == (0, int(shape[3]))
+    return r == (0, int(shape[axes[0]])) and c == (0, int(shape[axes[1]]))
 
 
 def _getattr(mod: torch.nn.Module, target: str) -> Any:
@@ -163,29 +254,38 @@ def _getattr(mod: torch.nn.Module, target: str) -> Any:
     return mod
 
 
-def _crop_constant(v: Any, h: int, w: int, r: Interval, c: Interval) -> Any:
+def _crop_constant(v: Any, ref: tuple[int, int, int], hw: tuple[int, int], r: Interval,
+                   c: Interval) -> Any:
     """The part of a constant operand that meets the tile ``r x c`` of an ``h x w`` map.
 
-    Broadcasting aligns trailing dimensions, so a tensor's last two dimensions are the map's
-    rows and columns: a full-size one is cropped, a size-1 one broadcasts as it is."""
+    Broadcasting aligns trailing dimensions: against a rank-``ref[0]`` result whose rows and
+    columns are dims ``ref[1]`` and ``ref[2]``, the constant's dim ``ref[1] - (ref[0] -
+    v.dim())`` meets the rows; there a full-size constant is cut, a size-1 one broadcasts."""
     if not isinstance(v, torch.Tensor):
         return v
-    if v.dim() >= 1 and v.shape[-1] == w:
-        v = v[..., c[0]:c[1]]
-    if v.dim() >= 2 and v.shape[-2] == h:
-        v = v[..., r[0]:r[1], :]
+    rank, ar, ac = ref
+    off = rank - v.dim()
+    for axis, iv, full in ((ar, r, hw[0]), (ac, c, hw[1])):
+        j = axis - off
+        if 0 <= j < v.dim() and full != 1 and v.shape[j] == full:
+            v = v.narrow(j, iv[0], iv[1] - iv[0])
     return v
 
 
-def _crop(t: torch.Tensor, held_r: Interval, held_c: Interval, r: Interval, c: Interval):
-    """The part ``r x c`` of ``t``, which holds the region ``held_r x held_c``."""
+def _crop(t: Any, held_r: Interval, held_c: Interval, r: Interval, c: Interval,
+          axes: tuple[int, int] = NCHW) -> Any:
+    """The part ``r x c`` of ``t``, which holds the region ``held_r x held_c`` in dims
+    ``axes`` (of every element, for a tuple such as a channel split's)."""
+    if isinstance(t, (tuple, list)):
+        return tuple(_crop(v, held_r, held_c, r, c, axes) for v in t)
     if held_r == r and held_c == c:
         return t
+    ar, ac = axes
     if r[1] <= r[0] or c[1] <= c[0]:  # an empty request may lie anywhere in the map
-        return t[:, :, :max(0, r[1] - r[0]), :max(0, c[1] - c[0])]
+        return t.narrow(ar, 0, max(0, r[1] - r[0])).narrow(ac, 0, max(0, c[1] - c[0]))
     if r[0] < held_r[0] or r[1] > held_r[1] or c[0] < held_c[0] or c[1] > held_c[1]:
         raise AssertionError(f"region {r}x{c} not inside computed {held_r}x{held_c}")
-    return t[:, :, r[0] - held_r[0]:r[1] - held_r[0], c[0] - held_c[0]:c[1] - held_c[0]]
+    return t.narrow(ar, r[0] - held_r[0], r[1] - r[0]).narrow(ac, c[0] - held_c[0], c[1] - c[0])
 
 
 def _avg_divisors(out: Interval, w, size: int, count_include_pad: bool) -> list[float]:

@@ -5,6 +5,13 @@ padding p and dilation d, output rows [o1, o2] need input rows [s*o1 - p, s*o2 -
 Everything here is plain integers: no torch, no MPI.  Intervals are half-open ``(start, stop)``
 along one axis; geometry is separable, so a rectangle is one interval per axis.
 
+Three more ops map output rows to input rows through a ``Window``: an explicit constant pad
+(``F.pad``, ``nn.ZeroPad2d``) is a 1-tap window whose left padding is the pad (output row o is
+input row o - before; rows outside the map are the pad value, so the true border is the pad
+itself), and a spatial slice ``x[:, :, a::s]`` is a 1-tap window of stride s and padding -a.
+Interpolation (``F.interpolate``, ``nn.Upsample``) is a ``Resample``: PyTorch's own index
+formula, evaluated in float32 as its CPU kernels do it.
+
 A block is a small DAG of ops (``OpGeom``) in topological order.  Op inputs name earlier ops by
 index, or ``-1`` for the block input.  The backward pass (``need_intervals``) gives, for an
 output interval of the block, the interval every op must compute (clamped to its map) and the
@@ -14,7 +21,10 @@ their branches' regions.
 """
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 Interval = tuple[int, int]  # half-open (start, stop)
 
@@ -39,6 +49,105 @@ def window_input(out: Interval, w: Window) -> Interval:
     if o2 <= o1:
         return (0, 0)
     return (w.stride * o1 - w.padding, w.stride * (o2 - 1) - w.padding + w.span)
+
+
+@dataclass(frozen=True)
+class Resample:
+    """Interpolation along one axis, as ``F.interpolate`` does it on the CPU (PyTorch
+    ``aten/src/ATen/native/UpSample.h``): output position o reads input taps ``i0`` and ``i1``
+    with weights ``l0``, ``l1`` (``taps``).
+
+    ``mode`` is ``"nearest"``, ``"nearest-exact"`` or ``"linear"`` (one axis of bilinear);
+    ``scale_factor`` is the factor PyTorch was *given* (it, not in/out, sets the source index
+    when ``recompute_scale_factor`` is off), ``None`` when the output size was given.  The
+    formula is evaluated in float32 with the same roundings as the kernels (linear: the
+    ``scale * (o + 0.5) - 0.5`` of align_corners=False rounds once, as the fused multiply-add
+    of the vectorised build does).  tests/test_geometry.py checks it tap for tap against
+    PyTorch, and tracing checks every interpolation of a model against the PyTorch it runs
+    on (``opkinds.resample_matches_torch``: a build that disagrees is refused, never answered
+    wrongly).  The executor gathers with these very taps, so the region geometry names is
+    exactly what a tile reads, on every platform.
+    """
+
+    in_size: int
+    out_size: int
+    mode: str = "nearest"
+    align_corners: bool = False
+    scale_factor: float | None = None
+
+    @property
+    def stride(self) -> int:
+        """Input positions per output position (at least 1), for code that asks any window
+        how much it shrinks the map."""
+        return max(1, self.in_size // max(1, self.out_size))
+
+    @property
+    def kernel(self) -> int:
+        """Taps per output position."""
+        return 2 if self.mode == "linear" else 1
+
+    def taps(self, o: int) -> tuple[int, int, float, float]:
+        """``(i0, i1, l0, l1)``: output position ``o`` is ``l0 * x[i0] + l1 * x[i1]``."""
+        return _taps(self, o)
+
+    def input(self, out: Interval) -> Interval:
+        """Input interval output positions ``out`` depend on (taps with nonzero weight; the
+        source index never decreases with o, so the first and last positions bound it)."""
+        o1, o2 = out
+        if o2 <= o1:
+            return (0, 0)
+        first = self.taps(o1)
+        last = self.taps(o2 - 1)
+        return (first[0], (last[1] if last[3] > 0.0 else last[0]) + 1)
+
+
+def _f32(v: float) -> float:
+    """``v`` rounded to the nearest float32 (products of two float32 values and the sums used
+    here are exact in a double, so rounding once gives the float32 result)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _scale(r: Resample, align_corners: bool) -> float:
+    """``area_pixel_compute_scale`` / ``compute_scales_value`` in float32."""
+    if align_corners:
+        return _f32(_f32(r.in_size - 1) / _f32(r.out_size - 1)) if r.out_size > 1 else 0.0
+    if r.scale_factor is not None and r.scale_factor > 0:
+        return _f32(1.0 / r.scale_factor)
+    return _f32(_f32(r.in_size) / _f32(r.out_size))
+
+
+@lru_cache(maxsize=1 << 16)
+def _taps(r: Resample, o: int) -> tuple[int, int, float, float]:
+    last = r.in_size - 1
+    if r.mode == "nearest":  # nearest_idx: copies for 1x and 2x, then floor(o * scale)
+        if r.out_size == r.in_size:
+            i = o
+        elif r.out_size == 2 * r.in_size:
+            i = o >> 1
+        else:
+            i = min(math.floor(_f32(_scale(r, False) * o)), last)
+        return (i, i, 1.0, 0.0)
+    if r.mode == "nearest-exact":  # floor((o + 0.5) * scale)
+        i = min(math.floor(_f32(_scale(r, False) * (o + 0.5))), last)
+        return (i, i, 1.0, 0.0)
+    if r.mode != "linear":
+        raise ValueError(f"unknown resample mode {r.mode!r}")
+    if r.out_size == r.in_size:
+        return (o, o, 1.0, 0.0)
+    s = _scale(r, r.align_corners)
+    real = _f32(s * o) if r.align_corners else max(_f32(s * (o + 0.5) - 0.5), 0.0)
+    i0 = min(math.floor(real), last)
+    l1 = min(max(_f32(real - i0), 0.0), 1.0)
+    i1 = i0 + 1 if i0 < last else i0
+    return (i0, i1, _f32(1.0 - l1), l1)
+
+
+AxisMap = Window | Resample  # how one op maps output positions to input positions on one axis
+
+
+def axis_input(out: Interval, w: AxisMap) -> Interval:
+    """Unclamped input interval of output positions ``out`` through a window or a resample."""
+    return window_input(out, w) if isinstance(w, Window) else w.input(out)
 
 
 def clamp(iv: Interval, size: int) -> Interval:
@@ -73,17 +182,19 @@ def length(iv: Interval) -> int:
 class OpGeom:
     """One op of a block, as geometry sees it.
 
-    ``windows`` is ``(rows, cols)`` for a conv/pool and ``None`` for ops that are spatially
-    element-wise (activations, batch norm, residual add, channel concat): those need the same
-    region of each input as they produce.  ``out_hw`` is the op's full output map size and
+    ``windows`` is ``(rows, cols)`` for a conv/pool/pad/slice (``Window``) or an interpolation
+    (``Resample``), and ``None`` for ops that are spatially element-wise (activations, batch
+    norm, residual add, channel concat, channel split, layer norm over channels, permutes):
+    those need the same region of each input as they produce.  ``out_hw`` is the op's full output map size and
     ``flops_per_pixel`` its work per output position (all channels), for the cost model.
     """
 
     inputs: tuple[int, ...]
     out_hw: tuple[int, int]
-    windows: tuple[Window, Window] | None = None
+    windows: tuple[AxisMap, AxisMap] | None = None
     flops_per_pixel: float = 0.0
-    kind: str = ""  # "conv", "maxpool", "avgpool", "elementwise", "identity" (informative)
+    kind: str = ""  # "conv", "maxpool", "avgpool", "pad", "slice", "upsample", "elementwise",
+    #                 "identity" (informative)
 
 
 def need_intervals(ops: tuple[OpGeom, ...], in_size: int, axis: int,
@@ -106,7 +217,7 @@ def need_intervals(ops: tuple[OpGeom, ...], in_size: int, axis: int,
         op = ops[i]
         for src in op.inputs:
             size = in_size if src < 0 else ops[src].out_hw[axis]
-            want = clamp(window_input(mine, op.windows[axis]) if op.windows else mine, size)
+            want = clamp(axis_input(mine, op.windows[axis]) if op.windows else mine, size)
             if src < 0:
                 inp = union(inp, want)
             else:

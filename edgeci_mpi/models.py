@@ -1,4 +1,6 @@
-"""Build a model by name: any torchvision classification builder, or ``package.module:factory``.
+"""Build a model by name: any torchvision classification builder, ``timm:NAME`` (any timm
+model, random weights, when timm is installed: ``pip install 'edgeci_mpi[timm]'``), or
+``package.module:factory``.
 
 Every rank builds the same model: random weights come from one seed, real weights from a file
 loaded with ``torch.load(weights_only=True)``.  ``weights_checksum`` lets ranks agree on them.
@@ -39,13 +41,17 @@ def build_model(name: str, seed: int = 0, weights: str | None = None) -> nn.Modu
     """The model ``name`` in eval mode, with seeded random weights or the weights file."""
     torch.manual_seed(seed)
     name = resolve_model(name)
-    if ":" in name:
+    if name.startswith(TIMM_PREFIX):
+        model = _timm_model(name[len(TIMM_PREFIX):])
+    elif ":" in name:
         module_name, _, attr = name.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
             raise ModelError(f"cannot import model factory {name!r}: {e}") from None
         model = factory()
+        if isinstance(model, nn.Module):  # runtime.checks notes the switch to eval mode
+            model.edgeci_was_training = model.training
     else:
         import torchvision.models as tvm
 
@@ -70,6 +76,34 @@ def build_model(name: str, seed: int = 0, weights: str | None = None) -> nn.Modu
     return model.eval()
 
 
+TIMM_PREFIX = "timm:"
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise ModelError("--model timm:NAME needs timm: pip install 'edgeci_mpi[timm]'") from None
+    return timm
+
+
+def _check_timm_name(arch: str) -> None:
+    timm = _timm()
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.lower().replace('-', '_')}*")[:5]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(f"unknown model timm:{arch}: not a timm model{hint}")
+
+
+def _timm_model(arch: str) -> nn.Module:
+    """timm's ``arch`` with random weights (``pretrained=False``: nothing is downloaded)."""
+    _check_timm_name(arch)
+    try:
+        return _timm().create_model(arch, pretrained=False)
+    except Exception as e:  # timm raises several types for configurations it cannot build
+        raise ModelError(f"cannot build timm:{arch}: {type(e).__name__}: {e}") from None
+
+
 def resolve_model(name: str) -> str:
     """The builder or ``package.module:factory`` behind a ``--model`` name (aliases applied)."""
     return ALIASES.get(name, name)
@@ -77,7 +111,9 @@ def resolve_model(name: str) -> str:
 
 def check_model_name(name: str) -> None:
     """Cheap check that ``name`` can be built, without building it."""
-    if ":" in name:
+    if name.startswith(TIMM_PREFIX):
+        _check_timm_name(name[len(TIMM_PREFIX):])
+    elif ":" in name:
         module_name, _, attr = name.partition(":")
         try:
             getattr(importlib.import_module(module_name), attr)

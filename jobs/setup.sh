@@ -13,7 +13,7 @@ stamp=.venv/.edgeci-installed
 want=$(cat pyproject.toml jobs/constraints.txt | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check \
-        -c jobs/constraints.txt -e ".[mpich,test,weights]"
+        -c jobs/constraints.txt -e ".[mpich,test,weights,timm]"
     echo "$want" > "$stamp"
 fi
 .venv/bin/python -c "import torch, torchvision, mpi4py; print('edgeci_mpi setup: torch', torch.__version__, '| torchvision', torchvision.__version__, '| mpi4py', mpi4py.__version__)"

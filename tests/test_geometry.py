@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgeci_mpi.execute import BlockRunner, Executor
-from edgeci_mpi.geometry import (OpGeom, Window, border_pads, clamp, need_intervals, split_even,
-                                 split_sizes, union, window_input)
+from edgeci_mpi.geometry import (OpGeom, Resample, Window, border_pads, clamp, need_intervals,
+                                 split_even, split_sizes, union, window_input)
 from edgeci_mpi.graph import UntileableOp, trace
 from edgeci_mpi.plan import Block, Plan, Tile
 from edgeci_mpi.units import BlockGeom
@@ -317,14 +317,20 @@ def _layer_need(m: nn.Module, in_hw, out_hw, rows, cols):
 
 
 def layerwise_region(model: nn.Sequential, chw, rows, cols):
+    """The region layer by layer, backwards: conv and pool windows enumerated by PyTorch
+    (``_layer_need``), pads, slices and interpolations by autograd through the layer itself
+    (``_autograd_need``), element-wise layers as they are."""
     shapes, t = [], torch.zeros(1, *chw)
     with torch.no_grad():
         for m in model:
-            shapes.append((tuple(t.shape[2:]), None))
+            shapes.append((tuple(t.shape[1:]), None))
             t = m(t)
             shapes[-1] = (shapes[-1][0], tuple(t.shape[2:]))
-    for m, (in_hw, out_hw) in zip(reversed(model), reversed(shapes)):
-        rows, cols = _layer_need(m, in_hw, out_hw, rows, cols)
+    for m, (in_shape, out_hw) in zip(reversed(model), reversed(shapes)):
+        if isinstance(m, RESAMPLING_LAYERS):
+            rows, cols = _autograd_need(m, in_shape, rows, cols)
+        else:
+            rows, cols = _layer_need(m, in_shape[1:], out_hw, rows, cols)
     return rows, cols
 
 
@@ -459,26 +465,29 @@ def test_maxpool_dependencies_inside_region(chunk):
 
 # --- exact execution -------------------------------------------------------------------------
 
+def check_stack_tiled(model: nn.Module, chw, mg, seed: int, rng: random.Random) -> None:
+    """The whole stack as one fused block, and a random split into blocks, each on its own
+    random tiling, equal the model."""
+    n = len(mg.spec.units)
+    x = torch.randn(1, *chw, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = model(x)
+    _, h, w = mg.spec.units[-1].out_chw
+    got = run_tiled(mg, 0, n, x, random_tiling(rng, h, w))
+    assert_close(got, ref, what=f"seed {seed} fused {model}")
+    cuts = sorted(rng.sample(range(1, n), rng.randint(0, n - 1))) if n > 1 else []
+    t = x
+    for a, b in zip([0, *cuts], [*cuts, n]):
+        _, bh, bw = mg.spec.units[b - 1].out_chw
+        t = run_tiled(mg, a, b, t, random_tiling(rng, bh, bw))
+    assert_close(t, ref, what=f"seed {seed} blocks {cuts} {model}")
+
+
 @pytest.mark.parametrize("chunk", range(4))
 def test_random_stacks_tiled_equal_model(chunk):
     for seed in range(chunk, N_CASES, 4):
         model, chw, mg = traced_stack(seed)
-        n = len(mg.spec.units)
-        x = torch.randn(1, *chw, generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            ref = model(x)
-        rng = random.Random(seed + 3000)
-        _, h, w = mg.spec.units[-1].out_chw
-        # the whole stack as one fused block
-        got = run_tiled(mg, 0, n, x, random_tiling(rng, h, w))
-        assert_close(got, ref, what=f"seed {seed} fused {model}")
-        # a random split into blocks, each with its own tiling
-        cuts = sorted(rng.sample(range(1, n), rng.randint(0, n - 1))) if n > 1 else []
-        t = x
-        for a, b in zip([0, *cuts], [*cuts, n]):
-            _, bh, bw = mg.spec.units[b - 1].out_chw
-            t = run_tiled(mg, a, b, t, random_tiling(rng, bh, bw))
-        assert_close(t, ref, what=f"seed {seed} blocks {cuts} {model}")
+        check_stack_tiled(model, chw, mg, seed, random.Random(seed + 3000))
 
 
 class Residual(nn.Module):
@@ -767,6 +776,326 @@ def test_executor_runs_a_plan_with_inplace_block_input():
     assert_close(Executor(mg).run(plan, x.clone()), ref)
 
 
+# --- explicit pads, spatial slices and interpolation -----------------------------------------
+
+def test_pad_and_slice_windows_by_hand():
+    # ZeroPad2d((1, 2, 3, 0)) on a 10-row map: output row o is input row o - 3
+    w = Window(1, 1, 3)
+    assert window_input((0, 3), w) == (-3, 0)
+    assert clamp((-3, 0), 10) == (0, 0) and border_pads((-3, 0), 10) == (3, 0)  # all pad value
+    assert window_input((2, 6), w) == (-1, 3) and border_pads((-1, 3), 10) == (1, 0)
+    assert window_input((12, 13), w) == (9, 10)  # the last data row
+    # a negative pad crops: output row o is input row o + 2
+    assert window_input((0, 4), Window(1, 1, -2)) == (2, 6)
+    # x[:, :, 1::2]: output row o is input row 2o + 1
+    assert window_input((0, 3), Window(1, 2, -1)) == (1, 6)
+    # pad 1 each side, 3x3 valid conv, keep every second row: 10 -> 12 -> 10 -> 5
+    ops = (OpGeom((-1,), (12, 12), (Window(1, 1, 1),) * 2, kind="pad"),
+           OpGeom((0,), (10, 10), (Window(3),) * 2, kind="conv"),
+           OpGeom((1,), (5, 5), (Window(1, 2, 0),) * 2, kind="slice"))
+    inp, per_op = need_intervals(ops, 10, 0, (0, 1))
+    assert per_op == ((0, 3), (0, 1), (0, 1)) and inp == (0, 2)
+    inp, per_op = need_intervals(ops, 10, 0, (4, 5))
+    assert per_op == ((8, 11), (8, 9), (4, 5)) and inp == (7, 10)
+
+
+def test_resample_taps_by_hand():
+    up = Resample(4, 8, "nearest", scale_factor=2.0)
+    assert [up.taps(o)[0] for o in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert up.input((3, 6)) == (1, 3) and up.input((4, 4)) == (0, 0)
+    lin = Resample(4, 8, "linear", scale_factor=2.0)
+    assert lin.taps(0) == (0, 1, 1.0, 0.0)  # clamped at the first row: its neighbour weighs 0
+    assert lin.taps(1) == (0, 1, 0.75, 0.25)
+    assert lin.taps(7) == (3, 3, 0.75, 0.25)  # past the last row: both taps are the last row
+    assert lin.input((0, 1)) == (0, 1) and lin.input((1, 2)) == (0, 2)
+    assert lin.input((3, 5)) == (1, 3) and lin.input((0, 8)) == (0, 4)
+    ac = Resample(4, 7, "linear", align_corners=True)  # scale 3/6: even outputs on input rows
+    assert ac.taps(2) == (1, 2, 1.0, 0.0) and ac.input((2, 3)) == (1, 2)
+    assert ac.taps(3) == (1, 2, 0.5, 0.5) and ac.input((2, 4)) == (1, 3)
+    assert ac.input((6, 7)) == (3, 4)
+    down = Resample(10, 4, "nearest")  # scale 2.5: rows 0, 2, 5, 7
+    assert [down.taps(o)[0] for o in range(4)] == [0, 2, 5, 7] and down.input((1, 3)) == (2, 6)
+    exact = Resample(10, 4, "nearest-exact")  # floor((o + 0.5) * 2.5): rows 1, 3, 6, 8
+    assert [exact.taps(o)[0] for o in range(4)] == [1, 3, 6, 8]
+    # nearest copies at 1x and halves at 2x whatever the scale factor says (PyTorch's
+    # nearest_idx), here a factor 1.05 that leaves 18 rows at 18
+    assert [Resample(18, 18, "nearest", scale_factor=1.05).taps(o)[0] for o in (0, 9, 17)] == \
+        [0, 9, 17]
+    assert Resample(5, 12, "nearest").stride == 1 and Resample(12, 5, "nearest").stride == 2
+
+
+def _torch_axis_weights(in_size: int, out_size: int | None, mode: str, align: bool,
+                        scale: float | None, recompute: bool) -> torch.Tensor:
+    """PyTorch's interpolation weights along one axis, ``(out, in)``: one-hot input rows
+    (one per channel) through ``F.interpolate`` as a model calls it."""
+    x = torch.eye(in_size).reshape(1, in_size, in_size, 1)
+    kw = {"align_corners": align} if mode == "bilinear" else {}
+    if scale is None:
+        y = F.interpolate(x, size=(out_size, 1), mode=mode, **kw)
+    else:
+        y = F.interpolate(x, scale_factor=(scale, 1.0), mode=mode,
+                          recompute_scale_factor=recompute, **kw)
+    return y[0, :, :, 0].T
+
+
+# (in, out or None, mode, align_corners, scale factor): float32 rounding cases found by the
+# brute force below -- the neighbour of 7 -> 49 gets weight 2e-8 through the fused
+# multiply-add, 18 -> 18 with factor 1.05 is nearest's copy rule, 6 -> 123 rounds to row 0.
+RESAMPLE_EDGES = [(7, None, "bilinear", False, 7.0), (17, None, "bilinear", False, 3.0),
+                  (18, None, "nearest", False, 1.05), (6, 123, "nearest-exact", False, None),
+                  (42, None, "bilinear", False, 1.05), (41, None, "bilinear", False, 7.0),
+                  (1, 5, "bilinear", True, None), (5, 1, "bilinear", True, None),
+                  (3, 1, "bilinear", False, None), (9, 9, "bilinear", False, None)]
+
+
+@pytest.mark.parametrize("chunk", range(3))
+def test_resample_taps_are_pytorchs(chunk):
+    """Brute force: for every output position, the input positions PyTorch's kernel weights
+    are the taps of ``Resample`` with nonzero weight (weights equal to float32 rounding), and
+    every output interval's region is the bounding box of its positions' inputs."""
+    rng = random.Random(chunk)
+    cases = RESAMPLE_EDGES if chunk == 0 else []
+    while len(cases) < 250:
+        mode = rng.choice(["nearest", "nearest-exact", "bilinear"])
+        align = mode == "bilinear" and rng.random() < 0.5
+        n_in = rng.randint(1, 50)
+        if rng.random() < 0.4:
+            cases.append((n_in, rng.randint(1, 120), mode, align, None))
+        else:
+            sf = rng.choice([2.0, 3.0, 0.5, 1.5, 4.0, 2.5, 0.75, 1.3333, 0.3, 1.05, 7.0,
+                             round(rng.uniform(0.2, 5), 3)])
+            if int(n_in * sf) >= 1:
+                cases.append((n_in, None, mode, align, sf))
+    for n_in, n_out, mode, align, sf in cases:
+        recompute = sf is not None and rng.random() < 0.3
+        w = _torch_axis_weights(n_in, n_out, mode, align, sf, recompute)
+        n_out = w.shape[0]
+        rs = Resample(n_in, n_out, "linear" if mode == "bilinear" else mode, align,
+                      None if recompute else sf)
+        what = f"{rs} (recompute={recompute})"
+        for o in range(n_out):
+            i0, i1, l0, l1 = rs.taps(o)
+            want = torch.zeros(n_in)
+            want[i0] += l0
+            want[i1] += l1
+            assert (want - w[o]).abs().max() <= 1e-6, f"{what} output {o}"
+            mine = {i0} | ({i1} if l1 > 0 else set())
+            big = set(torch.nonzero(w[o] > 1e-6).flatten().tolist())
+            every = set(torch.nonzero(w[o]).flatten().tolist())
+            assert big <= mine <= every, f"{what} output {o}: {mine} vs PyTorch {every}"
+        for _ in range(4):
+            o1 = rng.randrange(n_out)
+            o2 = rng.randint(o1 + 1, n_out)
+            rows = torch.nonzero(w[o1:o2].sum(0)).flatten()
+            assert rs.input((o1, o2)) == (int(rows.min()), int(rows.max()) + 1), what
+
+
+class Pad(nn.Module):
+    """``F.pad`` with a constant (negative entries crop)."""
+
+    def __init__(self, pads, value: float = 0.0):
+        super().__init__()
+        self.pads, self.value = tuple(pads), value
+
+    def forward(self, x):
+        return F.pad(x, self.pads, value=self.value)
+
+
+class Slice(nn.Module):
+    def __init__(self, rows: slice, cols: slice):
+        super().__init__()
+        self.rows, self.cols = rows, cols
+
+    def forward(self, x):
+        return x[:, :, self.rows, self.cols]
+
+
+class Interp(nn.Module):
+    def __init__(self, size=None, scale=None, mode="nearest", align=None, recompute=None):
+        super().__init__()
+        self.size, self.scale, self.mode = size, scale, mode
+        self.align, self.recompute = align, recompute
+
+    def forward(self, x):
+        return F.interpolate(x, size=self.size, scale_factor=self.scale, mode=self.mode,
+                             align_corners=self.align, recompute_scale_factor=self.recompute)
+
+
+RESAMPLING_LAYERS = (Pad, Slice, Interp, nn.ZeroPad2d, nn.ConstantPad2d, nn.Upsample)
+
+
+def _rand_resample_layer(rng: random.Random, c: int, hw) -> nn.Module:
+    kind = rng.choice(["conv", "conv", "pool", "zeropad", "constpad", "fpad", "slice",
+                       "upsample", "interp", "interp"])
+    if kind == "conv":
+        k = rng.randint(1, 4)
+        return nn.Conv2d(c, rng.randint(1, 3), k, rng.randint(1, 2), rng.randint(0, k - 1))
+    if kind == "pool":
+        k = rng.randint(2, 3)
+        return nn.MaxPool2d(k, rng.randint(1, 2), rng.randint(0, k // 2),
+                            ceil_mode=rng.random() < 0.5)
+    pads = [rng.randint(0, 3) for _ in range(4)]
+    if kind == "zeropad":
+        return nn.ZeroPad2d(tuple(pads))
+    if kind == "constpad":
+        return nn.ConstantPad2d(tuple(pads), rng.uniform(-1, 1))
+    if kind == "fpad":  # sometimes a crop, sometimes only the last dim
+        pads = [p - rng.randint(0, 2) * (rng.random() < 0.3) for p in pads]
+        return Pad(pads[:rng.choice([2, 4, 4])], rng.uniform(-1, 1))
+    if kind == "slice":
+        def one(n):
+            a = rng.randint(0, max(0, n // 3))
+            b = rng.choice([None, n - rng.randint(0, max(0, n // 3))])
+            return slice(a, b, rng.randint(1, 3))
+        return Slice(one(hw[0]), one(hw[1]))
+    modes = ["nearest", "bilinear"] if kind == "upsample" else ["nearest", "nearest-exact",
+                                                                 "bilinear"]
+    mode = rng.choice(modes)
+    align = rng.random() < 0.5 if mode == "bilinear" else None
+    if kind == "upsample":
+        if rng.random() < 0.5:
+            return nn.Upsample(scale_factor=rng.choice([2, 3]), mode=mode, align_corners=align)
+        return nn.Upsample(size=(rng.randint(1, 40), rng.randint(1, 40)), mode=mode,
+                           align_corners=align)
+    if rng.random() < 0.4:
+        return Interp(size=(rng.randint(1, 40), rng.randint(1, 40)), mode=mode, align=align)
+    return Interp(scale=(rng.choice([0.5, 1.5, 2.0, 2.5, 0.7]), rng.choice([1.0, 2.0, 1.3, 0.6])),
+                  mode=mode, align=align, recompute=rng.choice([None, True]))
+
+
+def random_resample_stack(seed: int) -> tuple[nn.Sequential, tuple[int, int, int]]:
+    """2-5 layers mixing plain convs and max pools with constant pads (module and functional,
+    asymmetric, cropping), spatial slices and interpolations (nearest, nearest-exact,
+    bilinear with and without align_corners, by scale factor or size), on maps of any parity."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    c = rng.randint(1, 3)
+    chw = (c, rng.randint(3, 30), rng.randint(3, 30))
+    layers: list[nn.Module] = []
+    probe = torch.zeros(1, *chw)
+    while len(layers) < rng.randint(2, 5):
+        for _attempt in range(30):
+            layer = _rand_resample_layer(rng, probe.shape[1], probe.shape[2:])
+            try:
+                out = layer(probe)
+            except RuntimeError:
+                continue
+            if out.shape[2] >= 1 and out.shape[3] >= 1 and out.numel() <= 20000:
+                break
+        else:
+            break
+        layers.append(layer.eval())
+        probe = out
+    return nn.Sequential(*layers).eval(), chw
+
+
+@functools.lru_cache(maxsize=None)
+def traced_resample_stack(seed: int):
+    model, chw = random_resample_stack(seed)
+    return model, chw, trace(model, chw, f"resample{seed}")
+
+
+def _autograd_need(m: nn.Module, in_shape, rows, cols):
+    """The input rectangle one output rectangle of ``m`` depends on, from autograd (ones in,
+    so nothing cancels)."""
+    if rows[1] <= rows[0] or cols[1] <= cols[0]:
+        return (0, 0), (0, 0)
+    x = torch.ones(1, *in_shape, requires_grad=True)
+    m(x)[:, :, rows[0]:rows[1], cols[0]:cols[1]].sum().backward()
+    nz = (x.grad[0] != 0).any(0).nonzero()
+    if len(nz) == 0:
+        return (0, 0), (0, 0)
+    return ((int(nz[:, 0].min()), int(nz[:, 0].max()) + 1),
+            (int(nz[:, 1].min()), int(nz[:, 1].max()) + 1))
+
+
+def test_resample_stacks_use_every_construct():
+    kinds = {op.kind for seed in range(N_CASES // 2)
+             for u in traced_resample_stack(seed)[2].spec.units for op in u.ops}
+    assert {"conv", "maxpool", "pad", "slice", "upsample"} <= kinds, kinds
+    modes = {(w.mode, w.align_corners, w.scale_factor is None) for seed in range(N_CASES // 2)
+             for u in traced_resample_stack(seed)[2].spec.units for op in u.ops
+             if op.kind == "upsample" for w in op.windows}
+    assert len(modes) >= 6, modes
+
+
+def _bbox_regime(model: nn.Sequential, chw) -> bool:
+    """Whether the region must be the bounding box of the true dependencies: per-op regions
+    are intervals, so a read with gaps (a strided slice, nearest or bilinear shrinking, a
+    stride beyond the window) whose first or last row falls in a pad is clamped to a data row
+    the tile does not need -- the conv rule's "padding >= kernel" case, here across layers."""
+    gappy = padded = False
+    t = torch.zeros(1, *chw)
+    for m in model:
+        with torch.no_grad():
+            out = m(t)
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            k, s, p, d = _windows_of(m)
+            gappy |= any(s[a] > d[a] * (k[a] - 1) + 1 for a in (0, 1))
+            padded |= any(p)
+        elif isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d, Pad)):
+            padded |= any(v > 0 for v in m.padding) if hasattr(m, "padding") else \
+                any(v > 0 for v in m.pads)
+        elif isinstance(m, Slice):
+            gappy |= (m.rows.step or 1) > 1 or (m.cols.step or 1) > 1
+        else:  # interpolation
+            gappy |= out.shape[2] < t.shape[2] or out.shape[3] < t.shape[3]
+        t = out
+    return not (gappy and padded)
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_pad_slice_resample_region_equals_brute_force(chunk):
+    """Region of random tiles through pads, slices and interpolations = the layer-by-layer
+    brute force, and (plain stacks, max pools as avg pools, no gappy read across a pad) = the
+    bounding box of the tile's true dependencies."""
+    exact = 0
+    for seed in range(chunk, N_CASES // 2, 4):
+        model, chw, mg = traced_resample_stack(seed)
+        n = len(mg.spec.units)
+        runner = BlockRunner(mg, 0, n)
+        _, h, w = mg.spec.units[-1].out_chw
+        twin = dependency_twin(model)
+        rng = random.Random(seed + 5000)
+        for rows, cols in [((0, h), (0, w)), *(_random_rect(rng, h, w) for _ in range(5))]:
+            got = runner.input_region(rows, cols)
+            want = layerwise_region(model, chw, rows, cols)
+            assert _rect(got) == want, f"seed {seed}: {model} tile {rows}x{cols}"
+            dep = gradient_bbox(twin, chw, rows, cols, seed)
+            if dep is None:
+                continue
+            assert _contains(got, dep), f"seed {seed}: {got} misses {dep}"
+            if _exact_regime(model) and _bbox_regime(model, chw):
+                exact += 1
+                assert got == dep, f"seed {seed}: {model} tile {rows}x{cols}"
+    assert exact >= 20  # the exact regime is really exercised
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_pad_slice_resample_stacks_tiled_equal_model(chunk):
+    for seed in range(chunk, N_CASES // 2, 4):
+        model, chw, mg = traced_resample_stack(seed)
+        check_stack_tiled(model, chw, mg, seed, random.Random(seed + 6000))
+
+
+def test_pad_value_fills_only_the_true_border():
+    # A tile inside the map never sees the pad value; one on the border gets it exactly there.
+    model = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.ConstantPad2d((2, 1, 3, 0), 7.0),
+                          nn.MaxPool2d(2, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(-1.0)  # every data value < 7 is negative: max picks pad or data
+    chw = (1, 9, 8)
+    mg = trace(model, chw, "padfill")
+    x = torch.rand(1, *chw, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+    _, h, w = mg.spec.units[-1].out_chw
+    pixels = [((i, i + 1), (j, j + 1)) for i in range(h) for j in range(w)]
+    got = run_tiled(mg, 0, len(mg.spec.units), x, pixels)
+    assert_close(got, ref, what="pad fill")
+    assert (got[0, 0, :3] == 7.0).all() and (got[0, 0, 3:, 2:-1] < 0).all()
+
+
 # --- models the planner must refuse ----------------------------------------------------------
 
 class Rolled(nn.Module):
@@ -790,8 +1119,10 @@ class Outer(nn.Module):
 
 @pytest.mark.parametrize("model, op, path", [
     (Outer(), "roll", "body"),
-    (nn.Sequential(nn.Conv2d(3, 3, 3), nn.Sequential(nn.ReLU(), nn.Upsample(scale_factor=2))),
-     "Upsample", "1.1"),
+    (nn.Sequential(nn.Conv2d(3, 3, 3), nn.Sequential(nn.ReLU(), nn.Upsample(scale_factor=2,
+                                                                            mode="bicubic"))),
+     "Upsample(mode='bicubic'", "1.1"),
+    (nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReflectionPad2d(1)), "ReflectionPad2d", "1"),
     (nn.Sequential(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")),
      "reflect", "1"),
     (nn.Sequential(nn.Conv2d(3, 3, 1), nn.MaxPool2d(2, return_indices=True)),
