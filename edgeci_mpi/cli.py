@@ -21,7 +21,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="input shape CxHxW (default: the model's usual size, e.g. 3x224x224)")
     p.add_argument("--cluster", default="local",
                    help="cluster TOML file or built-in preset name (see --list-presets)")
-    p.add_argument("--strategy", default="edgeci", help="planner (default edgeci)")
+    p.add_argument("--strategy", default="edgeci-d2d",
+                   help="planner (default edgeci-d2d: EdgeCI with feature maps kept on the "
+                        "devices; 'edgeci' is the paper's star)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (default 0)")
     p.add_argument("--weights", default=None, help="state-dict file to load (torch.load, weights_only)")
 
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = f"strategies: {', '.join(STRATEGIES)}"
 
     s = sub.add_parser("simulate", help="evaluate strategies on a modelled cluster "
-                       "(shared coordinator link), 2 to 256 devices")
+                       "(its network: shared or switched), 2 to 256 devices")
     add_model_arguments(s)
     s.set_defaults(strategy="all")
     s.add_argument("--devices", type=int, nargs="+", default=None, metavar="N",

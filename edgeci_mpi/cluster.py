@@ -9,6 +9,9 @@ a path.  At run time measured capability reports replace these figures.
 Format (every problem is a :class:`ClusterError` naming the file, line and key)::
 
     name = "4x Raspberry Pi 4B on 100 Mbit/s Wi-Fi"   # optional, default: the file name
+    network = "shared"         # optional: "shared" (default; one medium, one transfer at a
+                               #   time, e.g. a Wi-Fi access point) or "switched" (each device
+                               #   its own full-duplex link to a switch; see cost.py)
     reference_gflops = 6.0     # optional; needed only by devices that give `speed`
     notes = ["..."]            # optional, free text carried into Cluster.notes
 
@@ -41,12 +44,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .cost import Cluster, Device
+from .cost import NETWORKS, Cluster, Device
 
 __all__ = ["ClusterError", "load_cluster", "parse_cluster", "list_presets", "dump_cluster"]
 
 _LINK_KEYS = ("bandwidth_mbps", "latency_ms", "overhead_ms", "memory_mb", "emulate")
-_TOP_KEYS = ("name", "reference_gflops", "notes", "defaults", "device")
+_TOP_KEYS = ("name", "network", "reference_gflops", "notes", "defaults", "device")
 _DEVICE_KEYS = ("name", "gflops", "speed", "count") + _LINK_KEYS
 _NUMBERS = {"bandwidth_mbps": {"inf": True}, "latency_ms": {"zero": True},
             "overhead_ms": {"zero": True}, "memory_mb": {}}  # key -> what _Table.number allows
@@ -171,6 +174,10 @@ def parse_cluster(text: str, source: str) -> Cluster:
     top = _Table(source, lines, ("top",), "", doc)
     top.check_keys(_TOP_KEYS)
     name = top.string("name", Path(source).stem)
+    network = top.string("network", "shared")
+    if network not in NETWORKS:
+        raise top.fail(f"key 'network' must be one of {', '.join(map(repr, NETWORKS))}, got "
+                       f"{_show(network)}", "network")
     ref = top.number("reference_gflops")
     notes = doc.get("notes", [])
     if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
@@ -229,7 +236,8 @@ def parse_cluster(text: str, source: str) -> Cluster:
                     memory_bytes=int((mem * _MIB).to_integral_value()) if mem is not None else 0,
                     emulated=emulate,
                 ))
-    return Cluster(name=name, devices=tuple(devices), source=source, notes=tuple(notes))
+    return Cluster(name=name, devices=tuple(devices), source=source, notes=tuple(notes),
+                   network=network)
 
 
 # ----------------------------------------------------------------------------- files and presets
@@ -276,7 +284,7 @@ def _toml_num(d: Decimal) -> str:
 
 def dump_cluster(cluster: Cluster) -> str:
     """TOML text for ``cluster``, one [[device]] per rank; ``parse_cluster`` reads it back equal."""
-    out = [f"name = {_toml_str(cluster.name)}"]
+    out = [f"name = {_toml_str(cluster.name)}", f"network = {_toml_str(cluster.network)}"]
     if cluster.notes:
         out.append(f"notes = [{', '.join(_toml_str(n) for n in cluster.notes)}]")
     with localcontext() as ctx:

@@ -1,27 +1,43 @@
-"""Cost model: devices, links, and the one schedule of a block that everything prices with.
+"""Cost model: devices, links, networks, and the one schedule of a block everything prices with.
 
 Per device: compute ``t = work / flops_per_s + overhead_s`` per block call, where work is the
 model's calibrated work (``units.Calibration``: reference FLOPs, measured on the model's own
-units; raw FLOPs with static op weights when uncalibrated), and a link to the coordinator
-``t = latency + bytes / bandwidth``.  Devices of one host share its cores (:func:`contention`).
-The coordinator (device 0) has no link cost to itself but pays for slicing input regions out
-of its map and stitching output tiles in (``copy_s_per_byte``).
+units; raw FLOPs with static op weights when uncalibrated), and a link ``t = latency + bytes /
+bandwidth``.  Devices of one host share its cores (:func:`contention`).  Every device may pay
+for slicing pieces out of a map and assembling input regions (``copy_s_per_byte``; measured
+on real ranks, 0 in cluster files).
 
-:func:`schedule` lays a block out in a star (the coordinator's one link carries every
-transfer in turn): the planners price blocks with it (``strategies.common.make_block``), the
-simulator replays plans with it (``simulate.py``) and the emulator delays emulated links by it
-(``runtime.emulate``) - one model, so a plan's prediction, its simulation and its emulation
-cannot drift apart.  :class:`DeviceArrays` is the same device model as arrays, for AWAS bids.
+**Networks** (``Cluster.network``).  ``"shared"``: one medium, every transfer one behind
+another, as on a Wi-Fi access point (the paper's setting, and the default).  ``"switched"``:
+every device has its own full-duplex link to a switch; transfers between different pairs run
+at once, and each device's link carries its own sends in turn and its own receives in turn.
+A transfer between devices ``s`` and ``d`` takes the slower end's figures (:func:`pair_time`;
+the coordinator's own link figures are never used, as ever).
+
+**Transfers** are data (``flows.py``: who sends which rectangle to whom, from the plan's
+tiles alone).  :func:`timeline` lays one block out on either network - collect, slicing,
+transfers, compute, gather - with :func:`schedule` (the star) and :func:`schedule_flow` (any
+block with its flow) as its two doors.  The planners price blocks with it
+(``strategies.common``), the simulator replays plans with it (``simulate.py``) and the
+emulator delays emulated links by it (``runtime.emulate``) - one model, so a plan's
+prediction, its simulation and its emulation cannot drift apart.  :class:`DeviceArrays` is
+the same device model as arrays, for AWAS bids.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import numpy as np
 
+from .flows import BlockFlow, Piece, Transfer, contains, meet, plan_flows
 from .geometry import Interval
-from .plan import Block
+from .plan import Block, Plan
 from .units import BlockGeom
+
+#: ``Cluster.network``: one medium for every transfer, or a full-duplex link per device.
+NETWORKS = ("shared", "switched")
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,11 @@ class Cluster:
     devices: tuple[Device, ...]
     source: str = ""
     notes: tuple[str, ...] = field(default=())
+    network: str = "shared"   # NETWORKS: how transfers share the medium
+
+    def __post_init__(self) -> None:
+        if self.network not in NETWORKS:
+            raise ValueError(f"network {self.network!r} is not one of {', '.join(NETWORKS)}")
 
     def __len__(self) -> int:
         return len(self.devices)
@@ -85,11 +106,13 @@ class DeviceArrays:
                                 self.latency.tolist(), self.inv_bw.tolist()))
 
     def matrix(self, devices, works: np.ndarray) -> np.ndarray:
-        """Finish time of tile t (row of ``works``: flops, in_bytes, out_bytes) on each device."""
+        """Finish time of tile t (row of ``works``: flops, in_bytes, out_bytes and optionally
+        the number of messages, default one per non-empty direction) on each device."""
         d = np.asarray(devices)
         flops, in_b, out_b = works[:, 0:1], works[:, 1:2], works[:, 2:3]
-        link = (self.latency[d] * ((in_b > 0).astype(float) + (out_b > 0))
-                + (in_b + out_b) * self.inv_bw[d])
+        msgs = works[:, 3:4] if works.shape[1] > 3 else \
+            (in_b > 0).astype(float) + (out_b > 0)
+        link = self.latency[d] * msgs + (in_b + out_b) * self.inv_bw[d]
         return flops * self.inv_speed[d] + self.overhead[d] + link
 
     def time(self, device: int, flops: float, in_b: float, out_b: float) -> float:
@@ -133,14 +156,164 @@ def block_items(block: Block, bytes_per_element: int) -> list[Item]:
              co * t.out_hw[0] * t.out_hw[1] * bytes_per_element) for t in block.tiles]
 
 
+# --- the schedule of one block, on either network -----------------------------------------------
+
+def pair_time(devs: Sequence[Device], src: int, dst: int, nbytes: float) -> float:
+    """One message between ``src`` and ``dst``: the slower end's latency and bandwidth (the
+    coordinator's own link figures are never used, so a star transfer costs exactly the
+    device's ``link_time``)."""
+    if nbytes <= 0:
+        return 0.0
+    if src == 0:
+        return devs[dst].link_time(nbytes)
+    if dst == 0:
+        return devs[src].link_time(nbytes)
+    a, b = devs[src], devs[dst]
+    return max(a.latency_s, b.latency_s) + nbytes / min(a.bandwidth_Bps, b.bandwidth_Bps)
+
+
+class _Links:
+    """Busy intervals of the links: one medium (``shared``) or every device's send and receive
+    side (``switched``, full duplex).  A transfer goes into the earliest gap, at or after it
+    is ready, that every link it uses has free (list scheduling with insertion: halos of
+    different pairs run at once instead of queueing behind each other's ports)."""
+
+    def __init__(self, network: str):
+        self.shared = network == "shared"
+        self.starts: dict = {}
+        self.ends: dict = {}
+        self.busy: dict = {}
+
+    def place(self, src: int, dst: int, ready: float, dur: float) -> float:
+        """Schedule one transfer; returns when it has arrived."""
+        if dur <= 0:
+            return ready
+        keys = ("medium",) if self.shared else (("out", src), ("in", dst))
+        t = ready
+        moved = True
+        while moved:
+            moved = False
+            for k in keys:
+                st, en = self.starts.get(k), self.ends.get(k)
+                if st:
+                    i = bisect_right(en, t)  # the first busy interval still running at t
+                    if i < len(st) and st[i] < t + dur:
+                        t, moved = en[i], True
+        for k in keys:
+            st = self.starts.setdefault(k, [])
+            en = self.ends.setdefault(k, [])
+            a, b = t, t + dur
+            i = bisect_right(st, a)
+            if i > 0 and en[i - 1] >= a:  # touches the previous interval: one busy stretch
+                i -= 1
+                a, b = st[i], max(b, en[i])
+                del st[i], en[i]
+            if i < len(st) and st[i] <= b:
+                b = max(b, en[i])
+                del st[i], en[i]
+            st.insert(i, a)
+            en.insert(i, b)
+            self.busy[k] = self.busy.get(k, 0.0) + dur
+        return t + dur
+
+    def max_busy(self) -> float:
+        return max(self.busy.values(), default=0.0)
+
+
 @dataclass
 class Timeline:
-    """One block in the star, as :func:`schedule` lays it out (seconds from the block's start)."""
+    """One block as :func:`schedule_flow` lays it out (seconds from the block's start)."""
 
-    arrive: list[float]    # per item: when its input is on its device (0 on the coordinator)
-    end: list[float]       # per item: when its compute ends
-    finish: float          # the last output stitched into the coordinator's map
-    link_busy: float       # the coordinator's link carrying transfers
+    arrive: list[float]    # per tile: when its input region is ready on its device
+    end: list[float]       # per tile: when its compute ends
+    finish: float          # the block is done: every tile computed and every output gathered
+    link_busy: float       # the medium (shared) or the busiest link side (switched)
+    moves_in: list[float] = field(default_factory=list)   # collect + inputs: when each arrived
+    moves_out: list[float] = field(default_factory=list)  # outputs, in flow order
+
+
+@dataclass(frozen=True)
+class Move:
+    """A priced transfer: ``deps`` are the tiles that wait for it (inputs) or whose end it
+    waits for (outputs); ``sliced``: the sender copies it out of a larger piece first."""
+
+    src: int
+    dst: int
+    nbytes: float
+    deps: tuple[int, ...]
+    sliced: bool = False
+
+
+def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Sequence[Move],
+             outputs: Sequence[Move] = (), collect: Sequence[Move] = (), *, star: bool,
+             slice_bytes: float = 0.0, collect_bytes: float = 0.0, stitch_bytes: float = 0.0,
+             assemble: Sequence[float] | None = None,
+             ends: dict[int, float] | None = None) -> Timeline:
+    """The one timing model of a block (planners, simulator and emulation all call it, through
+    :func:`schedule` and :func:`schedule_flow`).
+
+    1. ``collect`` (star after a device-to-device block): the pieces rank 0 lacks arrive, then
+       rank 0 writes them into its map (``collect_bytes``);
+    2. slicing: star - rank 0 slices every remote region out of its map (``slice_bytes``)
+       before its first send or its own tile; device to device - every sender copies the
+       pieces it sends out of its held tiles (``Move.sliced``), one after another;
+    3. the input transfers, in the order given, each into the earliest gap of the links it
+       uses (the medium, or the sender's and the receiver's link sides);
+    4. each device computes its tiles in turn (slowed by :func:`contention`), each once all
+       of its inputs have arrived and been assembled (``assemble``: bytes copied into the
+       tile's input buffer); ``ends`` replaces modelled ends by measured ones (emulation);
+    5. the outputs, in the order their tiles finish, then rank 0 stitches ``stitch_bytes``.
+
+    A block is done when every tile is computed and every output has arrived."""
+    devs = cluster.devices
+    links = _Links(cluster.network)
+    copy = [d.copy_s_per_byte for d in devs]
+    slow = contention(cluster, [d for d, _ in tiles])
+    moves_in = []
+    start = 0.0
+    for m in collect:
+        moves_in.append(links.place(m.src, m.dst, 0.0, pair_time(devs, m.src, m.dst, m.nbytes)))
+        start = max(start, moves_in[-1])
+    if collect:
+        start += collect_bytes * copy[0]
+    free: dict[int, float] = {}
+    need = [0.0] * len(tiles)
+    if star:
+        start += slice_bytes * copy[0]
+        free[0] = start
+        for m in inputs:
+            moves_in.append(links.place(0, m.dst, start, pair_time(devs, 0, m.dst, m.nbytes)))
+            for k in m.deps:
+                need[k] = max(need[k], moves_in[-1])
+    else:
+        for m in inputs:
+            ready = free.get(m.src, 0.0)
+            if m.sliced and copy[m.src]:
+                ready += m.nbytes * copy[m.src]
+                free[m.src] = ready
+            moves_in.append(links.place(m.src, m.dst, ready,
+                                        pair_time(devs, m.src, m.dst, m.nbytes)))
+            for k in m.deps:
+                need[k] = max(need[k], moves_in[-1])
+    arrive, end = [], []
+    for k, (d, work) in enumerate(tiles):
+        a = max(need[k], free.get(d, 0.0), start if d == 0 and star else 0.0)
+        if assemble is not None and assemble[k]:
+            a += assemble[k] * copy[d]
+        arrive.append(a)
+        e = ends[k] if ends is not None and k in ends else \
+            max(a, free.get(d, 0.0)) + devs[d].compute_time(work) * slow[d]
+        free[d] = e
+        end.append(e)
+    finish = max(end, default=start)
+    moves_out = [0.0] * len(outputs)
+    ready = [max((end[k] for k in m.deps), default=0.0) for m in outputs]
+    for i in sorted(range(len(outputs)), key=lambda i: ready[i]):
+        m = outputs[i]
+        moves_out[i] = links.place(m.src, m.dst, ready[i], pair_time(devs, m.src, m.dst, m.nbytes))
+        finish = max(finish, moves_out[i])
+    finish += stitch_bytes * copy[0]
+    return Timeline(arrive, end, finish, links.max_busy(), moves_in, moves_out)
 
 
 def whole_on_coordinator(cluster: Cluster, items: list[Item]) -> bool:
@@ -148,45 +321,22 @@ def whole_on_coordinator(cluster: Cluster, items: list[Item]) -> bool:
     return len(items) == 1 and items[0][0] == 0
 
 
-def schedule(cluster: Cluster, items: list[Item], whole: bool | None = None) -> Timeline:
-    """The one timing model of a block in a star (planners, simulator and emulation all call
-    it).  The coordinator slices every remote tile's input region out of its map, then its one
-    link carries every scatter, one behind another in the order given, and every gather, in
-    the order the tiles finish; each device computes its tiles in turn as their inputs
-    arrive (slowed by :func:`contention`), the coordinator its own meanwhile; the outputs are
-    stitched into the block's map at the end.  ``whole``: the block is the coordinator's one
-    tile (default: decided from ``items``), which needs neither slicing nor stitching."""
-    devs = cluster.devices
+def schedule(cluster: Cluster, items: list[Item], whole: bool | None = None,
+             ends: dict[int, float] | None = None) -> Timeline:
+    """A block in the star (:func:`timeline`): the coordinator slices every remote tile's
+    input region out of its map, its link carries every scatter in the order given and every
+    gather in the order the tiles finish (on a switched network its sending and receiving
+    sides run at once, on a shared one the medium carries them one behind another); each
+    device computes its tiles in turn as their inputs arrive, the coordinator its own
+    meanwhile; the outputs are stitched into the block's map at the end.  ``whole``: the block
+    is the coordinator's one tile (default: decided from ``items``), which needs neither
+    slicing nor stitching."""
     whole = whole_on_coordinator(cluster, items) if whole is None else whole
-    copy = 0.0 if whole else devs[0].copy_s_per_byte
-    slow = contention(cluster, [d for d, *_ in items])
-    link = sum(in_b for d, _, in_b, _ in items if d != 0) * copy
-    start = link
-    arrive, end, busy = [], [], 0.0
-    free: dict[int, float] = {}
-    for d, flops, in_b, out_b in items:
-        if d != 0:
-            t = devs[d].link_time(in_b)
-            link += t
-            busy += t
-            arrive.append(link)
-        else:
-            arrive.append(start)
-        e = max(arrive[-1], free.get(d, 0.0)) + devs[d].compute_time(flops) * slow[d]
-        free[d] = e
-        end.append(e)
-    finish = 0.0
-    for e, k in sorted((e, k) for k, e in enumerate(end)):
-        d, out_b = items[k][0], items[k][3]
-        if d == 0:
-            finish = max(finish, e)
-        else:
-            t = devs[d].link_time(out_b)
-            link = max(link, e) + t
-            busy += t
-            finish = max(finish, link)
-    finish += sum(out_b for *_, out_b in items) * copy
-    return Timeline(arrive, end, finish, busy)
+    inputs = [Move(0, d, in_b, (k,)) for k, (d, _, in_b, _) in enumerate(items) if d != 0]
+    outputs = [Move(d, 0, out_b, (k,)) for k, (d, _, _, out_b) in enumerate(items) if d != 0]
+    return timeline(cluster, [(d, w) for d, w, _, _ in items], inputs, outputs, star=True,
+                    slice_bytes=0.0 if whole else sum(m.nbytes for m in inputs),
+                    stitch_bytes=0.0 if whole else sum(it[3] for it in items), ends=ends)
 
 
 def schedule_time(cluster: Cluster, items: list[Item]) -> float:
@@ -195,18 +345,90 @@ def schedule_time(cluster: Cluster, items: list[Item]) -> float:
     return schedule(cluster, items).finish
 
 
+def flow_moves(block: Block, flow: BlockFlow, bytes_per_element: int
+               ) -> tuple[list[Move], list[Move], list[Move], list[float]]:
+    """(collect, inputs, outputs, assemble bytes per tile) of a block's flow, priced in bytes:
+    which tiles each transfer feeds, whether the sender must slice it out of a larger piece,
+    and which tiles' input regions must be assembled (not one held piece, used as a view, nor
+    one received piece, received straight into the tile's buffer)."""
+    ci, co = block.in_chw[0] * bytes_per_element, block.out_chw[0] * bytes_per_element
+    before = flow.before
+
+    def sliced(m: Transfer, held: Sequence[Piece]) -> bool:
+        return m.piece < 0 or (held[m.piece][1], held[m.piece][2]) != (m.rows, m.cols)
+
+    collect = [Move(m.src, m.dst, ci * m.pixels, (), sliced(m, before)) for m in flow.collect]
+    tiles = block.tiles
+    if flow.source == "star":
+        inputs = [Move(0, m.dst, ci * m.pixels, (m.tile,), True) for m in flow.inputs]
+        outputs = [Move(m.src, 0, co * m.pixels, (m.tile,)) for m in flow.outputs]
+        return collect, inputs, outputs, [0.0] * len(tiles)
+    by_dev: dict[int, list[int]] = {}
+    for k, t in enumerate(tiles):
+        by_dev.setdefault(t.device, []).append(k)
+    inputs, feeds = [], [0] * len(tiles)
+    direct = [False] * len(tiles)
+    for m in flow.inputs:
+        rect = (m.rows, m.cols)
+        deps = tuple(k for k in by_dev.get(m.dst, ())
+                     if meet(rect, (tiles[k].in_rows, tiles[k].in_cols)) is not None)
+        for k in deps:
+            feeds[k] += 1
+            direct[k] = rect == (tiles[k].in_rows, tiles[k].in_cols)
+        inputs.append(Move(m.src, m.dst, ci * m.pixels, deps, sliced(m, before)))
+    assemble = []
+    for k, t in enumerate(tiles):
+        region = (t.in_rows, t.in_cols)
+        if feeds[k] == 1 and direct[k]:
+            assemble.append(0.0)      # received straight into the tile's buffer
+        elif feeds[k] == 0 and any(dev == t.device and contains((r, c), region)
+                                   for dev, r, c in before):
+            assemble.append(0.0)      # a view of one piece it holds
+        else:
+            assemble.append(float(ci * t.in_hw[0] * t.in_hw[1]))
+    outputs = [Move(m.src, 0, co * m.pixels, (m.tile,)) for m in flow.outputs]
+    return collect, inputs, outputs, assemble
+
+
+def schedule_flow(cluster: Cluster, block: Block, flow: BlockFlow, bytes_per_element: int = 4,
+                  ends: dict[int, float] | None = None) -> Timeline:
+    """The :func:`timeline` of ``block`` with the transfers of its ``flow`` (star or device
+    to device, on the cluster's network)."""
+    collect, inputs, outputs, assemble = flow_moves(block, flow, bytes_per_element)
+    tiles = [(t.device, t.flops) for t in block.tiles]
+    _, ih, iw = block.in_chw
+    co, oh, ow = block.out_chw
+    single = len(block.tiles) == 1 and block.tiles[0].device == 0
+    if flow.source == "star":
+        return timeline(cluster, tiles, inputs, outputs, collect, star=True,
+                        slice_bytes=0.0 if single else sum(m.nbytes for m in inputs),
+                        collect_bytes=block.in_chw[0] * ih * iw * bytes_per_element,
+                        stitch_bytes=0.0 if single else
+                        sum(co * t.out_hw[0] * t.out_hw[1] * bytes_per_element
+                            for t in block.tiles),
+                        ends=ends)
+    last = len(flow.held) > len(block.tiles)  # rank 0 assembles the map the head needs
+    stitch = co * oh * ow * bytes_per_element if last and not single else 0.0
+    return timeline(cluster, tiles, inputs, outputs, star=False, assemble=assemble,
+                    stitch_bytes=stitch, ends=ends)
+
+
+def plan_timelines(plan: Plan, cluster: Cluster) -> list[Timeline]:
+    """Every block of ``plan`` scheduled on ``cluster`` (its network), transfers recomputed
+    from the tiles (:func:`plan_flows`)."""
+    return [schedule_flow(cluster, b, f, plan.bytes_per_element)
+            for b, f in zip(plan.blocks, plan_flows(plan))]
+
+
 def gather_finish(cluster: Cluster, items: list[Item], link_free: float,
                   ends: dict[int, float]) -> float:
     """When the last remote output is in, given when each remote item's compute really ended
-    (``ends``, by item index) and when the coordinator's link came free after the scatter: the
-    gather queue of :func:`schedule`, replayed on measured ends (the emulator's gather)."""
-    devs = cluster.devices
-    link, finish = link_free, 0.0
-    for e, k in sorted((e, k) for k, e in ends.items()):
-        d, out_b = items[k][0], items[k][3]
-        link = max(link, e) + devs[d].link_time(out_b)
-        finish = max(finish, link)
-    return finish
+    (``ends``, by item index): the gather of :func:`schedule` replayed on measured ends (the
+    emulator's gather).  ``link_free`` is kept for callers; the scatter it stands for is
+    replayed by the schedule itself."""
+    t = schedule(cluster, items, whole=False,
+                 ends={k: ends.get(k, 0.0) for k in range(len(items))})
+    return max(t.moves_out, default=0.0)
 
 
 def send_order(items: list[Item], cluster: Cluster) -> list[int]:

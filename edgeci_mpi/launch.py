@@ -22,9 +22,28 @@ block naming a process, not a rank.  This module checks everything it can first,
   oversubscribed, with a note).
 * **Rank table**: each rank appends ``rank pid host`` to ``$EDGECI_RANK_TABLE``
   (:func:`edgeci_mpi.runtime.failure.announce`), so a killed process can be named by rank.
+* **Remote hosts** (issue 12): before ``mpiexec`` starts, every host that is not this machine
+  must run ``true`` through the launcher hydra will use (ssh in batch mode, or
+  ``$HYDRA_LAUNCHER_EXEC``) within :data:`PROBE_TIMEOUT_S`: a host that resolves but is down,
+  or lacks passwordless ssh, is one line instead of a hang or a password prompt, and hydra's
+  own ssh runs in batch mode too.
+* **A user's stop** (SIGTERM/SIGINT to this process): forwarded to ``mpiexec`` once (it runs
+  in its own process group, so a terminal's Ctrl-C reaches it only through us), which
+  forwards it to every rank; rank 0 prints ``stopped by SIGTERM after N images; --resume
+  continues from FILE``, no rank is blamed, and ``mpiexec`` is killed if the ranks are not all
+  gone within :data:`STOP_KILL_S`.  ``mpiexec`` dies with this process (``PR_SET_PDEATHSIG``):
+  a SIGKILLed ``launch`` leaves no job behind.
+* **A lost host**: once rank 0 names a silent rank, ``mpiexec`` gets :data:`LINGER_S` to end
+  the job; hydra can wait forever on a host it cannot reach, so then it is ended (the ranks
+  on that host end themselves: they no longer hear rank 0).
+* ``--retry K``: when a rank or host is lost, the job starts again on the hostfile without
+  that host (ranks reduced to the slots left; without a hostfile, one rank fewer per lost
+  rank) with ``--resume`` on the same ``--results`` file, at most K times; each retry is one
+  ``note:`` line saying which host was dropped, when, and how many images are kept.
 
-Exit code: 2 when the launch is refused; otherwise ``mpiexec``'s own (0 ok, 1 aborted, 2 bad
-input, 3 verify mismatch, 9 or 137 a rank killed by SIGKILL under MPICH).
+Exit code: 2 when the launch is refused; 128 + the signal after a user's stop; otherwise
+``mpiexec``'s own (0 ok, 1 aborted, 2 bad input, 3 verify mismatch, 9 or 137 a rank killed by
+SIGKILL under MPICH).
 """
 from __future__ import annotations
 
@@ -32,21 +51,25 @@ import argparse
 import ipaddress
 import os
 import re
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# What the tests and jobs use of the supervision, under its old address:
+from .supervise import (PROG, RANK_TABLE_ENV, Control, Ending, Lost, OutputFilter,  # noqa: F401
+                        RankWatch, images_in, lost_message, lost_ranks_in, read_rank_table,
+                        results_images, run_job)
+
 EXIT_USAGE = 2
-PROG = "edgeci-mpi"
-RANK_TABLE_ENV = "EDGECI_RANK_TABLE"
 LAUNCHABLE = ("run", "plan", "simulate")
+PROBE_TIMEOUT_S = 10.0  # a remote host must run `true` through ssh within this
+SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=8"]
 
 
 class LaunchError(Exception):
@@ -188,6 +211,73 @@ def check_hosts(hosts: list[Host], path: str) -> bool:
     return all_local
 
 
+def remote_hosts(hosts: list[Host]) -> list[Host]:
+    """The hosts that are not this machine (mpiexec starts processes there through ssh)."""
+    local = local_addresses()
+    out = []
+    for h in hosts:
+        try:
+            addrs = {ai[4][0] for ai in socket.getaddrinfo(h.name, None)}
+        except (OSError, UnicodeError):
+            addrs = set()
+        if not (h.name in local or any(a in local or a.startswith("127.") for a in addrs)):
+            out.append(h)
+    return out
+
+
+def probe_argv(host: str, env: dict[str, str]) -> list[str]:
+    """How hydra will start a process on ``host``: ``$HYDRA_LAUNCHER_EXEC HOST`` if set (the
+    testbed's launcher script), else ssh in batch mode (never a password prompt)."""
+    exe = env.get("HYDRA_LAUNCHER_EXEC")
+    if exe:
+        return [exe, host, "true"]
+    return [env.get("EDGECI_SSH", "ssh"), *SSH_OPTIONS, host, "true"]
+
+
+def probe_hosts(hosts: list[Host], path: str, env: dict[str, str],
+                timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Every remote host runs ``true`` through the launcher, all at once, within
+    ``timeout_s``; the first that does not is a :class:`LaunchError` (one line)."""
+    failures: dict[str, str] = {}
+
+    def probe(h: Host) -> None:
+        argv = probe_argv(h.name, env)
+        try:
+            r = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                               text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            failures[h.name] = f"no answer within {timeout_s:.0f} s (host down?)"
+            return
+        except OSError as e:
+            failures[h.name] = f"cannot run {argv[0]}: {e}"
+            return
+        if r.returncode != 0:
+            said = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+            failures[h.name] = f"{Path(argv[0]).name} says: {said[:200]}"
+
+    threads = [threading.Thread(target=probe, args=(h,), daemon=True) for h in hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s + 5)
+    for h in hosts:
+        if h.name in failures:
+            hint = "" if env.get("HYDRA_LAUNCHER_EXEC") else \
+                " (edgeci-mpi needs passwordless ssh to every host: ssh-copy-id " + h.name + ")"
+            raise LaunchError(f"hostfile {path!r} line {h.line}: cannot start processes on "
+                              f"{h.name}: {failures[h.name]}{hint}")
+
+
+def rank_hosts(hosts: list[Host], ranks: int) -> list[Host]:
+    """Which host each rank runs on: hydra and Open MPI fill each host's slots in hostfile
+    order, then wrap around (``--map-by slot``)."""
+    order: list[Host] = []
+    while len(order) < ranks:
+        for h in hosts:
+            order += [h] * h.slots
+    return order[:ranks]
+
+
 def write_hostfile(hosts: list[Host], flavour: str, folder: str) -> str:
     """The hosts in the launcher's own format, in ``folder``."""
     path = Path(folder) / "hostfile"
@@ -231,6 +321,8 @@ def build_launch(ranks: int | None, hostfile: str | None, command: list[str],
             notes.append(f"{n} ranks on {slots} slots of this machine: oversubscribed")
         argv += ["-f" if flavour == "mpich" else "--hostfile",
                  write_hostfile(hosts, flavour, folder)]
+        if not all_local and not os.environ.get("HYDRA_LAUNCHER_EXEC"):
+            argv += batch_ssh(flavour, folder)
     else:
         n = 1 if ranks is None else ranks
     if n < 1:
@@ -245,189 +337,25 @@ def build_launch(ranks: int | None, hostfile: str | None, command: list[str],
     return LaunchPlan(argv, env, notes)
 
 
-# --- running and reading mpiexec's ending ------------------------------------------------------
-
-_MPICH_RULE = re.compile(r"^={40,}$")
-_MPICH_BAD = re.compile(r"^=\s+BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES")
-_MPICH_PID = re.compile(r"^=\s+PID (\d+) RUNNING AT (\S+)")
-_MPICH_CODE = re.compile(r"^=\s+(?:EXIT CODE|KILLED BY SIGNAL): (\d+)")
-_MPICH_TAIL = ("YOUR APPLICATION TERMINATED WITH THE EXIT STRING", "This typically refers to",
-               "Please see the FAQ page")
-_OMPI_LOST = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal "
-                        r"(\d+)")
+def batch_ssh(flavour: str, folder: str) -> list[str]:
+    """mpiexec options that make its ssh fail instead of prompting for a password."""
+    if flavour == "openmpi":
+        return ["--mca", "plm_rsh_args", " ".join(SSH_OPTIONS)]
+    script = Path(folder) / "ssh"
+    script.write_text("#!/bin/sh\nexec ssh " + " ".join(SSH_OPTIONS) + ' "$@"\n')
+    script.chmod(0o755)
+    return ["-launcher", "ssh", "-launcher-exec", str(script)]
 
 
-@dataclass
-class Lost:
-    pid: int
-    host: str
-    code: int | None = None
-    rank: int | None = None
-
-
-class OutputFilter:
-    """Forwards ``mpiexec``'s output line by line, holding back MPICH's BAD TERMINATION block
-    (and Open MPI's equivalent) and remembering which process it names."""
-
-    def __init__(self):
-        self.lost: Lost | None = None
-        self.in_block = False
-        self.error_seen = False  # a rank already printed its own error line
-        self.lock = threading.Lock()
-
-    def line(self, text: str) -> bool:
-        """True to forward ``text``."""
-        s = text.rstrip("\n")
-        with self.lock:
-            if s.startswith(f"{PROG}: error"):
-                self.error_seen = True
-            if _MPICH_RULE.match(s) or _MPICH_BAD.match(s):
-                self.in_block = True
-                return False
-            if self.in_block:
-                m = _MPICH_PID.match(s)
-                if m and self.lost is None:
-                    self.lost = Lost(int(m.group(1)), m.group(2))
-                m = _MPICH_CODE.match(s)
-                if m and self.lost is not None and self.lost.code is None:
-                    self.lost.code = int(m.group(1))
-                if s.startswith("=") or not s.strip():
-                    return False
-                self.in_block = False
-            if s.startswith(_MPICH_TAIL):
-                return False
-            m = _OMPI_LOST.search(s)
-            if m:
-                if self.lost is None:
-                    self.lost = Lost(int(m.group(2)), m.group(3), int(m.group(4)),
-                                     int(m.group(1)))
-                return False
-            return True
-
-
-def read_rank_table(path: str) -> dict[tuple[str, int], int]:
-    """(host, pid) -> rank from the ranks' announcements (missing file: empty)."""
-    table: dict[tuple[str, int], int] = {}
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return table
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
-            table[(parts[2], int(parts[1]))] = int(parts[0])
-    return table
-
-
-class RankWatch(threading.Thread):
-    """Notes the order in which this machine's ranks end (``pidfd_open`` + ``poll``: exact,
-    even for processes that are not our children).  MPICH's BAD TERMINATION block names *a*
-    process that ended badly - measured: rank 0, which mpiexec's own clean-up killed, when
-    rank 2 was the one killed - so the rank that ended *first* is the one that was lost."""
-
-    def __init__(self, table_path: str):
-        super().__init__(daemon=True)
-        self.table_path = table_path
-        self.host = socket.gethostname()
-        self.first: tuple[int, int] | None = None  # (rank, pid) that ended first
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        if not hasattr(os, "pidfd_open"):  # pragma: no cover - not Linux
-            return
-        poller = select.poll()
-        watched: dict[int, tuple[int, int]] = {}  # fd -> (rank, pid)
-        seen: set[int] = set()
-        while not self.stopping.is_set():
-            for (host, pid), rank in read_rank_table(self.table_path).items():
-                if host != self.host or pid in seen:
-                    continue
-                seen.add(pid)
-                try:
-                    fd = os.pidfd_open(pid)
-                except OSError:  # already gone: it ended before we could watch it
-                    self._ended(rank, pid)
-                    continue
-                watched[fd] = (rank, pid)
-                poller.register(fd, select.POLLIN)
-            for fd, _ in poller.poll(50):
-                poller.unregister(fd)
-                os.close(fd)
-                self._ended(*watched.pop(fd))
-        for fd in watched:
-            os.close(fd)
-
-    def _ended(self, rank: int, pid: int) -> None:
-        if self.first is None:
-            self.first = (rank, pid)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(timeout=2)
-
-
-def lost_message(lost: Lost, table: dict[tuple[str, int], int],
-                 first: tuple[int, int] | None) -> str:
-    """One line naming the lost rank: the first of this machine's ranks to end, else the
-    process mpiexec named (found in the rank table, or by PID alone)."""
-    host, pid, rank = lost.host, lost.pid, lost.rank
-    if rank is None and first is not None:
-        rank, pid = first
-        host = next((h for (h, p), r in table.items() if p == pid and r == rank), host)
-    if rank is None:
-        rank = table.get((lost.host, lost.pid))
-        if rank is None:  # mpiexec names the host as the hostfile does ('localhost')
-            same_pid = [r for (_, p), r in table.items() if p == lost.pid]
-            rank = same_pid[0] if len(same_pid) == 1 else None
-    who = f"rank {rank} ({host}, pid {pid})" if rank is not None else \
-        f"a rank (pid {pid} on {host})"
-    how = ""
-    if lost.code is not None:
-        try:
-            how = f" (killed by signal {lost.code}: {signal.Signals(lost.code).name})" \
-                if 0 < lost.code < 64 else f" (exit code {lost.code})"
-        except ValueError:
-            how = f" (exit code {lost.code})"
-    return f"{PROG}: error: {who} was lost{how}; mpiexec ended the job"
-
+# --- running it ---------------------------------------------------------------------------------
 
 def run_launch(plan: LaunchPlan) -> int:
     """Run ``mpiexec``, forward its output, translate a lost rank; its exit code."""
-    for note in plan.notes:
-        print(f"{PROG}: note: {note}", file=sys.stderr, flush=True)
-    filt = OutputFilter()
-    watch = RankWatch(plan.env[RANK_TABLE_ENV])
-    try:
-        proc = subprocess.Popen(plan.argv, env=plan.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, bufsize=1)
-    except OSError as e:
-        raise LaunchError(f"cannot start {plan.argv[0]}: {e}") from None
-    watch.start()
-    previous = {s: signal.signal(s, lambda sig, _f: proc.send_signal(sig))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    pumps = [threading.Thread(target=_pump, args=(src, dst, filt), daemon=True)
-             for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
-    for t in pumps:
-        t.start()
-    try:
-        code = proc.wait()
-        for t in pumps:
-            t.join(timeout=10)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        watch.stop()
-    if filt.lost is not None and not filt.error_seen:
-        msg = lost_message(filt.lost, read_rank_table(plan.env[RANK_TABLE_ENV]), watch.first)
-        print(msg, file=sys.stderr, flush=True)
-    return code
-
-
-def _pump(src, dst, filt: OutputFilter) -> None:
-    for line in iter(src.readline, ""):
-        if filt.line(line):
-            dst.write(line)
-            dst.flush()
+    with Control() as control:
+        try:
+            return run_job(plan, control).code
+        except OSError as e:
+            raise LaunchError(f"cannot start {plan.argv[0]}: {e}") from None
 
 
 # --- the subcommand ------------------------------------------------------------------------
@@ -442,9 +370,22 @@ def add_launch_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--hostfile", "-f", default=None, metavar="FILE",
                    help="hosts: HOST, HOST:SLOTS or HOST slots=N per line; '#' comments")
     p.add_argument("--dry-run", action="store_true", help="print the mpiexec line and exit")
+    p.add_argument("--retry", type=int, default=0, metavar="K",
+                   help="when a rank or host is lost, start again without that host, with "
+                        "--resume on the run's --results file; at most K times (default 0)")
     p.add_argument("launch_command", nargs=argparse.REMAINDER, metavar="COMMAND",
                    help="-- then the edgeci-mpi command, e.g. -- run --model resnet34")
     return p
+
+
+def option_value(command: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in an edgeci-mpi command (``--flag V`` or ``--flag=V``)."""
+    for i, a in enumerate(command):
+        if a == flag and i + 1 < len(command):
+            return command[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
 
 
 def launch_main(args: argparse.Namespace) -> int:
@@ -453,18 +394,74 @@ def launch_main(args: argparse.Namespace) -> int:
         command = command[1:]
     folder = tempfile.mkdtemp(prefix="edgeci-launch-")
     try:
+        results = option_value(command, "--results") if command[:1] == ["run"] else None
+        if args.retry < 0:
+            raise LaunchError(f"--retry must be >= 0, got {args.retry}")
+        if args.retry and results is None:
+            raise LaunchError("--retry needs `run ... --results FILE`: a retry resumes that "
+                              "stream instead of starting it again")
         plan = build_launch(args.ranks, args.hostfile, command, folder)
         if args.dry_run:
             for note in plan.notes:
                 print(f"{PROG}: note: {note}", file=sys.stderr)
             print(" ".join(plan.argv))
             return 0
-        return run_launch(plan)
+        if args.hostfile is not None:
+            probe_hosts(remote_hosts(parse_hostfile(args.hostfile)), args.hostfile, plan.env)
+        with Control() as control:
+            return _run_with_retries(args, command, results, plan, folder, control)
     except LaunchError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_with_retries(args, command: list[str], results: str | None, plan: LaunchPlan,
+                      folder: str, control: Control) -> int:
+    """Run the job; while a rank or host is lost and retries are left, run it again on what
+    is left of the hostfile, resuming the results file."""
+    hosts = parse_hostfile(args.hostfile) if args.hostfile else None
+    ranks = int(plan.argv[plan.argv.index("-n") + 1])
+    t0 = time.time()
+    for attempt in range(args.retry + 1):
+        end = run_job(plan, control, results)
+        if end.code == 0 or end.stopped or not end.lost or attempt == args.retry:
+            return end.code
+        if hosts is not None:
+            placed = rank_hosts(hosts, ranks)
+            dropped = [h for h in hosts if any(placed[r] is h for r in end.lost if r < ranks)]
+            hosts = [h for h in hosts if h not in dropped]
+            slots = sum(h.slots for h in hosts)
+            ranks = min(ranks if args.ranks is not None else slots, slots)
+            what = ", ".join(f"host {h.name} (rank{'s' * (len(rs) > 1)} "
+                             f"{','.join(map(str, rs))})"
+                             for h in dropped for rs in [[r for r in end.lost if r < len(placed)
+                                                          and placed[r] is h]])
+        else:
+            ranks -= len(end.lost)
+            what = f"rank{'s' * (len(end.lost) > 1)} {','.join(map(str, end.lost))}"
+        if ranks < 1 or (hosts is not None and not hosts):
+            print(f"{PROG}: note: {what} lost and nothing left to retry on", file=sys.stderr,
+                  flush=True)
+            return end.code
+        sub = Path(folder) / f"retry{attempt + 1}"
+        sub.mkdir()
+        hostfile = None
+        if hosts is not None:
+            hostfile = str(sub / "hosts")
+            Path(hostfile).write_text("".join(f"{h.name}:{h.slots}\n" for h in hosts))
+        if "--resume" not in command:
+            command = [*command, "--resume"]
+        lost_at = end.lost_at or time.time()
+        where = f" on {len(hosts)} host{'s' * (len(hosts) > 1)}" if hosts else ""
+        print(f"{PROG}: note: dropped {what}, lost at "
+              f"{time.strftime('%H:%M:%S', time.localtime(lost_at))} ({lost_at - t0:.1f} s "
+              f"into the job); retry {attempt + 1} of {args.retry}: {ranks} "
+              f"rank{'s' * (ranks > 1)}{where}, --resume from {results} "
+              f"({images_in(results)} images kept)", file=sys.stderr, flush=True)
+        plan = build_launch(ranks, hostfile, command, str(sub))
+    return end.code  # pragma: no cover - the loop returns
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,15 @@
 
 Plain dataclasses with a JSON round-trip and a table for people.  The runtime executes a Plan;
 it never plans.
+
+Each block says where its tiles' inputs come from (``Block.source``): ``"star"``, the paper's
+scheme (rank 0 holds the block's input map, sends every remote tile its input region and
+gathers every output tile back), or ``"d2d"`` (the previous block's output tiles stay on the
+devices that computed them and each device receives only the parts of its input region it
+lacks, straight from their holders).  Which rectangle goes from whom to whom is not stored: it
+follows from the tiles alone and is recomputed by one pure function
+(``cost.plan_flows``), so the planner that priced the plan and the runtime that executes it
+cannot disagree.  Plans written before ``source`` existed read back as star plans.
 """
 from __future__ import annotations
 
@@ -9,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 Interval = tuple[int, int]
+SOURCES = ("star", "d2d")  # Block.source: inputs from rank 0, or device to device
 
 
 @dataclass
@@ -49,6 +59,7 @@ class Block:
     out_chw: tuple[int, int, int]
     tiles: list[Tile]
     predicted_s: float = 0.0
+    source: str = "star"    # where the tiles' inputs come from: "star" (rank 0) or "d2d"
 
     @property
     def devices(self) -> list[int]:
@@ -68,6 +79,7 @@ class Plan:
     planning_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     bytes_per_element: int = 4  # of the tensors that travel (float32)
+    network: str = "shared"     # the network it was planned for (cost.NETWORKS)
 
     # --- JSON -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -88,11 +100,12 @@ class Plan:
                           float(t["send_s"]), float(t["compute_s"]), float(t["recv_s"]))
                      for t in b["tiles"]]
             blocks.append(Block(int(b["start"]), int(b["stop"]), b["name"], tuple(b["in_chw"]),
-                                tuple(b["out_chw"]), tiles, float(b["predicted_s"])))
+                                tuple(b["out_chw"]), tiles, float(b["predicted_s"]),
+                                str(b.get("source", "star"))))
         return Plan(d["model"], tuple(d["input_chw"]), d["strategy"], d["cluster"],
                     list(d["devices"]), blocks, float(d["head_s"]), float(d["predicted_s"]),
                     float(d.get("planning_s", 0.0)), list(d.get("notes", [])),
-                    int(d.get("bytes_per_element", 4)))
+                    int(d.get("bytes_per_element", 4)), str(d.get("network", "shared")))
 
     @staticmethod
     def from_json(text: str) -> "Plan":
@@ -104,6 +117,9 @@ class Plan:
         exactly once."""
         prev = 0
         for b in self.blocks:
+            if b.source not in SOURCES:
+                raise ValueError(f"block {b.name}: source {b.source!r} is not one of "
+                                 f"{', '.join(SOURCES)}")
             if b.start != prev or b.stop <= b.start:
                 raise ValueError(f"block {b.name}: units [{b.start}, {b.stop}) do not follow {prev}")
             prev = b.stop
@@ -126,9 +142,10 @@ class Plan:
     def table(self) -> str:
         """A readable table: one line per block, then the totals."""
         lines = [f"plan  model={self.model} input={'x'.join(map(str, self.input_chw))} "
-                 f"strategy={self.strategy} cluster={self.cluster} devices={len(self.devices)}",
+                 f"strategy={self.strategy} cluster={self.cluster} devices={len(self.devices)} "
+                 f"network={self.network}",
                  f"{'#':>3} {'units':>7}  {'block':<34} {'out':>13} {'tiles':>5} "
-                 f"{'devices':<18} {'pred ms':>8}"]
+                 f"{'devices':<18} {'via':<4} {'pred ms':>8}"]
         for i, b in enumerate(self.blocks):
             devs = ",".join(map(str, b.devices))
             if len(devs) > 18:
@@ -136,8 +153,8 @@ class Plan:
             out = "x".join(map(str, b.out_chw))
             name = b.name if len(b.name) <= 34 else b.name[:31] + "..."
             lines.append(f"{i:>3} {b.start:>3}-{b.stop - 1:<3}  {name:<34} {out:>13} "
-                         f"{len(b.tiles):>5} {devs:<18} {b.predicted_s * 1e3:>8.2f}")
-        lines.append(f"    head on device 0{'':>56} {self.head_s * 1e3:>8.2f}")
+                         f"{len(b.tiles):>5} {devs:<18} {b.source:<4} {b.predicted_s * 1e3:>8.2f}")
+        lines.append(f"    head on device 0{'':>61} {self.head_s * 1e3:>8.2f}")
         lines.append(f"predicted latency {self.predicted_s * 1e3:.2f} ms  "
                      f"(planned in {self.planning_s * 1e3:.0f} ms)")
         lines.extend(f"note: {n}" for n in self.notes)

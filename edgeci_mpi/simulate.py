@@ -1,17 +1,20 @@
-"""Simulator: a plan's latency on a modelled cluster, the coordinator's shared link included.
+"""Simulator: a plan's latency on a modelled cluster, its network included.
 
-Planners price each device independently (its scatter + compute + gather), as the paper does.
-A real star cluster has one more constraint: the coordinator's link carries every transfer,
-so its sends go out one behind another and the output tiles come back one behind another.
-``simulate`` replays a plan as a discrete-event schedule under that constraint:
+``simulate`` replays a plan block by block with the one schedule the planners price with
+(``cost.schedule_flow``), the transfers recomputed from the plan's tiles (``cost.plan_flows``):
 
-* per block, the coordinator sends the input regions of the other devices' tiles in plan order
-  over its one link; a transfer to device ``d`` takes ``d``'s ``link_time`` (the slower end of
-  the link decides);
-* each device computes its tiles one after another, each as soon as its input has arrived;
-  the coordinator computes its own tiles meanwhile (non-blocking sends);
-* finished output tiles queue for the coordinator's link in the order they finish;
-* the next block starts when the last output tile is in; the head runs on the coordinator.
+* a **star** block: the coordinator collects what it lacks of the block's input (only after a
+  device-to-device block), slices and sends the input regions of the other devices' tiles in
+  plan order, computes its own tiles meanwhile, and receives the output tiles in the order
+  they finish;
+* a **device-to-device** block: each device receives the parts of its input region it does
+  not hold straight from their holders, computes, and keeps its output tiles; after the last
+  block the coordinator receives what the head needs;
+* on a ``shared`` network every transfer waits for the one medium; on a ``switched`` one each
+  device's link carries its own sends in turn and its own receives in turn, and transfers
+  between different pairs run at once; a transfer takes the slower end's ``link_time``;
+* each device computes its tiles one after another, each once its input has arrived; the next
+  block starts when the last tile (and gather) is done; the head runs on the coordinator.
 
 No torch and no MPI: it scales to hundreds of devices.
 """
@@ -19,16 +22,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cost import Cluster, block_items, schedule
+from .cost import Cluster, plan_timelines
 from .plan import Plan
 
 
 @dataclass
 class BlockSim:
     name: str
-    predicted_s: float      # the planner's own estimate (independent links)
-    simulated_s: float      # with the shared coordinator link
-    link_busy_s: float      # time the coordinator's link was busy
+    predicted_s: float      # the planner's own estimate
+    simulated_s: float      # replayed on the cluster given
+    link_busy_s: float      # the busiest link: the medium (shared) or one device's side (switched)
 
 
 @dataclass
@@ -40,12 +43,8 @@ class SimResult:
 
 
 def simulate(plan: Plan, cluster: Cluster) -> SimResult:
-    """Replay ``plan`` on ``cluster`` with one shared coordinator link."""
-    sims = []
-    total = 0.0
-    for block in plan.blocks:
-        timeline = schedule(cluster, block_items(block, plan.bytes_per_element))
-        sims.append(BlockSim(block.name, block.predicted_s, timeline.finish, timeline.link_busy))
-        total += timeline.finish
-    total += plan.head_s
+    """Replay ``plan`` on ``cluster`` (its devices, links and network)."""
+    sims = [BlockSim(b.name, b.predicted_s, t.finish, t.link_busy)
+            for b, t in zip(plan.blocks, plan_timelines(plan, cluster))]
+    total = sum(s.simulated_s for s in sims) + plan.head_s
     return SimResult(plan.strategy, plan.predicted_s, total, sims)

@@ -173,11 +173,15 @@ def test_emulated_cluster_is_labelled(cache_dir, tmp_path):
     from edgeci_mpi.plan import Plan
     from edgeci_mpi.simulate import simulate
 
-    cluster = Cluster("c", tuple(Device(**d) for d in rec["cluster"]["devices"]))
+    cluster = Cluster("c", tuple(Device(**d) for d in rec["cluster"]["devices"]),
+                      network=rec["cluster"]["network"])
     for run in rec["runs"]:
-        sim = simulate(Plan.from_json(json.dumps(run["plan"])), cluster)
-        for b, bs in zip(run["blocks"], sim.blocks):
-            assert b["measured_s"] >= 0.95 * bs.simulated_s - 1e-3, (run["strategy"], b, bs)
+        plan = Plan.from_json(json.dumps(run["plan"]))
+        sim = simulate(plan, cluster)
+        for k, (b, bs) in enumerate(zip(run["blocks"], sim.blocks)):
+            # a device-to-device block has no barrier: rank 0 measures only its own part
+            if all(x.source == "star" for x in plan.blocks[max(0, k - 1):k + 1]):
+                assert b["measured_s"] >= 0.95 * bs.simulated_s - 1e-3, (run["strategy"], b, bs)
 
 
 def test_straggler_is_noticed_and_replanned(cache_dir, tmp_path):

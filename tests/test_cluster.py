@@ -11,7 +11,7 @@ from edgeci_mpi.cluster import (ClusterError, dump_cluster, list_presets, load_c
                                 parse_cluster)
 from edgeci_mpi.cost import Cluster, Device
 
-PRESETS = ["hetero4", "hetero8", "local", "mixed50", "pi4x4"]
+PRESETS = ["boards-gigabit", "hetero4", "hetero8", "local", "mixed50", "pi4x4"]
 
 
 def parse(text: str) -> Cluster:
@@ -29,11 +29,14 @@ def error(text: str) -> str:
 def test_every_preset_loads_and_is_listed():
     listed = dict(list_presets())
     assert sorted(listed) == PRESETS
-    sizes = {"hetero4": 4, "hetero8": 8, "local": 4, "mixed50": 5, "pi4x4": 4}
+    sizes = {"boards-gigabit": 16, "hetero4": 4, "hetero8": 8, "local": 4, "mixed50": 5,
+             "pi4x4": 4}
+    switched = {"boards-gigabit", "local"}  # the Wi-Fi presets share one medium
     for name in PRESETS:
         c = load_cluster(name)
         assert len(c) == sizes[name] and c.name == listed[name] and c.source == f"preset:{name}"
         assert len({d.name for d in c.devices}) == len(c)
+        assert c.network == ("switched" if name in switched else "shared")
         for d in c.devices:
             assert d.flops_per_s > 0 and d.bandwidth_Bps > 0 and d.latency_s >= 0
             assert d.emulated == (name != "local")
@@ -155,6 +158,8 @@ def test_load_from_path(tmp_path):
     ('[[device]]\nname = "a"\ngflops = 1\ncount = 2\n[[device]]\nname = "a-1"\ngflops = 1\n',
      ["[[device]] #2 (line 6)", "'a-1'", "twice"]),
     ('notes = "x"\n[[device]]\nname = "a"\ngflops = 1\n', ["line 1", "'notes'"]),
+    ('name = "x"\nnetwork = "wifi"\n[[device]]\nname = "a"\ngflops = 1\n',
+     ["line 2", "'network'", "'shared'", "'switched'", '"wifi"']),
 ])
 def test_errors_name_key_and_line(text, needles):
     msg = error(text)
@@ -180,3 +185,12 @@ def test_unreadable_file_is_cluster_error(tmp_path):
     p.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ClusterError, match="bin.toml: cannot read"):
         load_cluster(str(p))
+
+
+def test_network_key_round_trips_and_defaults_to_shared():
+    text = '[[device]]\nname = "a"\ngflops = 1\n'
+    assert parse_cluster(text, "t.toml").network == "shared"
+    c = parse_cluster('network = "switched"\n' + text, "t.toml")
+    assert c.network == "switched"
+    assert parse_cluster(dump_cluster(c), "u.toml").network == "switched"
+    assert c.resized(3).network == "switched"

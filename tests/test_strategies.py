@@ -89,3 +89,28 @@ def test_unknown_strategy():
     _, mg = traced("resnet18", (3, 160, 120))
     with pytest.raises(ValueError, match="unknown strategy"):
         make_plan(mg.spec, load_cluster("pi4x4"), "nope")
+
+
+def test_all_names_every_peer():
+    """``all`` is every registered planner, the peers' variants included, in table order."""
+    from edgeci_mpi.strategies import parse_strategies
+    names = parse_strategies("all")
+    assert names == list(STRATEGIES)
+    for peer in ("modnn", "deepthings", "edgeld", "aofl", "aofl-balanced"):
+        assert peer in names
+    assert names.index("aofl-balanced") == names.index("aofl") + 1
+    assert parse_strategies("aofl,aofl-balanced") == ["aofl", "aofl-balanced"]
+
+
+# Device-to-device planners on switched clusters, where their blocks really are device to
+# device (on the Wi-Fi presets above edgeci-d2d may choose the star for every block).
+@pytest.mark.parametrize("strategy", ["edgeci-d2d", "coedge"])
+@pytest.mark.parametrize("name,chw,preset,devices", [
+    ("resnet34", (3, 97, 131), "boards-gigabit", 8),
+    ("vgg16", (3, 64, 80), "boards-gigabit", 16),
+    ("resnet18", (3, 160, 120), "local", 4),
+    ("mobilenet_v2", (3, 96, 96), "boards-gigabit", 6),
+])
+def test_device_to_device_plans_exact(name, chw, preset, devices, strategy):
+    plan = check_exact(name, chw, load_cluster(preset).resized(devices), strategy)
+    assert any(b.source == "d2d" for b in plan.blocks)

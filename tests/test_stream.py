@@ -45,28 +45,30 @@ def test_noise_alone_never_replans():
     assert adapter.cluster == cluster
 
 
-def test_a_device_5x_slower_is_noticed_on_the_first_slow_image():
+def test_a_device_5x_slower_is_noticed_once_it_lasts():
+    """One slow image is noise; the second confirms the change (issue 12: no flapping)."""
     plan, cluster = three_device_plan()
     rng = random.Random(1)
     adapter = Adapter(cluster)
     for _ in range(4):
         assert not adapter.observe(plan, image_times(plan, {}, rng, 0.05), image_s=0.15)
+    assert adapter.observe(plan, image_times(plan, {1: 15.0}, rng, 0.05), image_s=0.6) == []
     changes = adapter.observe(plan, image_times(plan, {1: 15.0}, rng, 0.05), image_s=0.6)
     assert [c.device for c in changes] == [1]
     assert changes[0].factor == pytest.approx(5.0, rel=0.15) and changes[0].extra_s > 0
+    # planning again gives the same plan here: not 10 % faster, so it is kept, but believed
+    decision = adapter.decide(plan, changes, lambda c: plan)
+    assert decision.plan is None and decision.changes == changes
     d = adapter.cluster.devices[1]
     assert d.flops_per_s == pytest.approx(1e9 / changes[0].factor)
     assert d.overhead_s == pytest.approx(1e-3 * changes[0].factor)
     assert adapter.cluster.devices[0] == cluster.devices[0]
-    # re-planned (its tiles predicted 5x longer): still slow is now its usual pace
-    f = changes[0].factor
-    replanned = Plan.from_json(plan.to_json())
-    for b in replanned.blocks:
-        b.tiles[1].compute_s *= f
+    # still slow is now its usual pace: no change again
     for _ in range(3):
-        assert not adapter.observe(replanned, image_times(plan, {1: 15.0}, rng, 0.05), 0.3)
-    # back to full speed later: noticed as a speed-up
-    changes = adapter.observe(replanned, image_times(plan, {}, rng, 0.05), image_s=0.15)
+        assert not adapter.observe(plan, image_times(plan, {1: 15.0}, rng, 0.05), 0.3)
+    # back to full speed later: noticed as a speed-up, once it lasts too
+    assert adapter.observe(plan, image_times(plan, {}, rng, 0.05), image_s=0.15) == []
+    changes = adapter.observe(plan, image_times(plan, {}, rng, 0.05), image_s=0.15)
     assert [c.device for c in changes] == [1] and changes[0].factor < 1 / THRESHOLD
 
 
@@ -76,8 +78,9 @@ def test_a_change_too_small_to_matter_is_ignored():
     adapter = Adapter(cluster)
     for _ in range(3):
         adapter.observe(plan, image_times(plan, {}, rng, 0.0), image_s=10.0)
-    # 3x slower, but the image took 10 s: its extra 0.25 s is under 5 % of that
-    assert adapter.observe(plan, image_times(plan, {2: 9.0}, rng, 0.0), image_s=10.0) == []
+    # 3x slower for good, but the image took 10 s: its extra 0.25 s is under 5 % of that
+    for _ in range(6):  # (longer than any change must last)
+        assert adapter.observe(plan, image_times(plan, {2: 9.0}, rng, 0.0), image_s=10.0) == []
 
 
 HEADER = {"model": "resnet34", "input": [3, 64, 64], "strategies": ["edgeci"], "seed": 0,

@@ -36,7 +36,8 @@ class CellFailed(RuntimeError):
 # ----------------------------------------------------------------------------- the cluster
 def cell_cluster(spec: SweepSpec, cell: Cell):
     """The cell's cluster: the preset resized to ``cell.devices``, every non-coordinator link
-    at ``cell.bandwidth_mbps``; in run mode (``emulate = true``) every device emulated."""
+    at ``cell.bandwidth_mbps``, on ``cell.network`` if the sweep sets one; in run mode
+    (``emulate = true``) every device emulated."""
     from ..cluster import load_cluster
 
     base = load_cluster(cell.preset)
@@ -48,8 +49,10 @@ def cell_cluster(spec: SweepSpec, cell: Cell):
     if spec.mode == "run" and spec.emulate:
         devs = [replace(d, emulated=True) for d in devs]
     bw = f", links {cell.bw_text} Mbit/s" if cell.bandwidth_mbps is not None else ""
-    return replace(c, devices=tuple(devs), name=f"{base.name} [{cell.devices} devices{bw}]",
-                   notes=tuple(c.notes) + (f"sweep {spec.name}, cell {cell.id}",))
+    net = f", {cell.network} network" if cell.network else ""
+    return replace(c, devices=tuple(devs), name=f"{base.name} [{cell.devices} devices{bw}{net}]",
+                   notes=tuple(c.notes) + (f"sweep {spec.name}, cell {cell.id}",),
+                   network=cell.network or c.network)
 
 
 def ideal_speedup(cluster) -> float:

@@ -13,6 +13,9 @@ A sweep file (``jobs/*.toml``)::
                                    #   shrunk with Cluster.resized otherwise)
     bandwidths_mbps = [50, 100]    # optional; overrides every non-coordinator link (Mbit/s);
                                    #   default: the preset's own links
+    networks = ["shared", "switched"]  # optional; overrides the preset's network (cost.py);
+                                   #   default: the preset's own.  A cell's preset label
+                                   #   then reads "hetero4@switched"
     strategies = "all"             # or a list; "single" is always added (the speedup base)
     repeats = 3
     images = 3                     # run mode: images per job (median latency over them)
@@ -34,7 +37,7 @@ A sweep file (``jobs/*.toml``)::
     setup = ["module load gcc"]    # shell lines run before the launch
     extra = ["--constraint=arm"]   # more #SBATCH options
 
-A **cell** is one (model, input, preset, devices, bandwidth, repeat); in run mode it is one
+A **cell** is one (model, input, preset, devices, bandwidth, network, repeat); in run mode it is one
 ``mpiexec -n N ... run --strategy <all of them>`` job, so the strategies are measured side by
 side, interleaved image by image, under the same conditions.  Repeats are the outermost loop,
 so an interrupted sweep has whole passes over the grid rather than three copies of its start.
@@ -52,7 +55,7 @@ from typing import Any
 
 MODES = ("run", "simulate")
 KEYS = {"name", "description", "mode", "models", "input", "presets", "devices",
-        "bandwidths_mbps", "strategies", "repeats", "images", "warmup", "seed", "timeout_s",
+        "bandwidths_mbps", "networks", "strategies", "repeats", "images", "warmup", "seed", "timeout_s",
         "threads", "emulate", "mpiexec", "mpiexec_args", "slurm"}
 SLURM_KEYS = {"time", "partition", "account", "launcher", "launcher_args", "python", "setup",
               "extra"}
@@ -87,10 +90,12 @@ class Cell:
     devices: int
     bandwidth_mbps: float | None   # None: the preset's own links
     repeat: int                    # 1-based
+    network: str | None = None     # None: the preset's own network
 
     @property
     def preset_label(self) -> str:
-        return preset_label(self.preset)
+        base = preset_label(self.preset)
+        return f"{base}@{self.network}" if self.network else base
 
     @property
     def bw_text(self) -> str:
@@ -111,7 +116,7 @@ class Cell:
     def fields(self) -> dict:
         return {"model": self.model, "input": self.input, "preset": self.preset_label,
                 "devices": self.devices, "bandwidth_mbps": self.bandwidth_mbps,
-                "repeat": self.repeat}
+                "network": self.network, "repeat": self.repeat}
 
 
 @dataclass
@@ -124,6 +129,7 @@ class SweepSpec:
     input: str | None = None
     devices: list[int | None] = field(default_factory=lambda: [None])
     bandwidths: list[float | None] = field(default_factory=lambda: [None])
+    networks: list[str | None] = field(default_factory=lambda: [None])
     repeats: int = 1
     images: int = 3
     warmup: int = 1
@@ -143,7 +149,8 @@ class SweepSpec:
         return self.strategies if "single" in self.strategies else ["single", *self.strategies]
 
     def cells(self) -> list[Cell]:
-        """The grid, repeats outermost, then models, presets, device counts, bandwidths."""
+        """The grid, repeats outermost, then models, presets, device counts, bandwidths,
+        networks."""
         from ..cluster import load_cluster
         from ..models import default_input
 
@@ -155,7 +162,8 @@ class SweepSpec:
                 for p in self.presets:
                     for n in self.devices:
                         for bw in self.bandwidths:
-                            out.append(Cell(m, chw, p, n or sizes[p], bw, r))
+                            for net in self.networks:
+                                out.append(Cell(m, chw, p, n or sizes[p], bw, r, net))
         return out
 
 
@@ -237,6 +245,7 @@ def parse_sweep(doc: dict, path: Path | None = None) -> SweepSpec:
     return SweepSpec(
         mode=mode, models=d.str_list("models"), presets=_presets(d),
         strategies=_strategies(d), devices=_devices(d), bandwidths=_bandwidths(d),
+        networks=_networks(d),
         input=_input(d), timeout_s=_timeout(d), emulate=_emulate(d), mpiexec=_mpiexec(d),
         mpiexec_args=_mpiexec_args(d), slurm=_slurm(d), name=_name(d),
         description=_description(d), repeats=d.integer("repeats", 1, 1),
@@ -288,6 +297,17 @@ def _bandwidths(d: _Doc) -> list[float | None]:
                         lambda b: _is_number(b) and b > 0 and not math.isnan(b),
                         "a positive number or a non-empty list of them (Mbit/s)")
     return [None] if bws is None else list(dict.fromkeys(float(b) for b in bws))
+
+
+def _networks(d: _Doc) -> list[str | None]:
+    from ..cost import NETWORKS
+
+    nets = d.str_list("networks", required=False)
+    bad = [x for x in nets if x not in NETWORKS]
+    if bad:
+        raise d.fail(f"key 'networks': {', '.join(map(repr, bad))} is not one of "
+                     f"{', '.join(map(repr, NETWORKS))}")
+    return list(dict.fromkeys(nets)) or [None]
 
 
 def _input(d: _Doc) -> str | None:

@@ -38,8 +38,10 @@ from ..strategies import make_plan
 from .adapt import Adapter
 from .emulate import Emulator, Slowdown
 from .engine import PlanRunner, serve, stop_workers
-from .failure import (EXIT_USAGE, EXIT_VERIFY, Injection, JobFailed, Outcome, RunError, agree,
-                      checked, error_line, run_guarded)
+from .checks import check_inference_mode, check_output_path, check_plan_geometry, user_code
+from .failure import (EXIT_USAGE, EXIT_VERIFY, Injection, JobFailed, Outcome, RunError, Stopped,
+                      agree, checked, error_line, run_guarded)
+from .netprobe import probe_network
 from .profile import calibrated, gather_reports, host_cores
 from .results import RunRecord, summarise, write_json
 
@@ -63,8 +65,11 @@ class Setup:
 def run_main(args: argparse.Namespace) -> int:
     from .comm import Comm
 
-    comm = Comm(timeout_s=args.watchdog or 0.0)
-    return run_guarded(comm, lambda: _run(comm, args))
+    comm = Comm(timeout_s=args.watchdog or 0.0, liveness_s=args.liveness)
+    try:
+        return run_guarded(comm, lambda: _run(comm, args))
+    finally:
+        comm.close()
 
 
 def _run(comm, args) -> int:
@@ -79,8 +84,9 @@ def _run(comm, args) -> int:
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     reports = gather_reports(comm, mg, _model_key(setup), reprofile=args.reprofile)
+    network = run_network(comm, setup, args, reports)
     profile_s = time.perf_counter() - t0
-    plans, cluster, seen, spec = _phase_plan(comm, setup, args, mg, reports)
+    plans, cluster, seen, spec = _phase_plan(comm, setup, args, mg, reports, network)
     emulator = Emulator(cluster, comm.rank, Slowdown.parse(args.inject_slowdown))
     executor = Executor(mg)
     runners = [PlanRunner(comm, mg, plan, emulator, executor, injection, k)
@@ -96,9 +102,20 @@ def _run(comm, args) -> int:
     try:
         stream_images(runners, adapters, stream, model if args.verify else None, record,
                       log, args.warmup, lambda c, k: make_plan(spec, c, setup.strategies[k]))
+    except Stopped as e:  # a user's stop: rank 0's one line says how far the stream got
+        e.images, e.results, e.total = len(record.image_indices), args.results, len(stream)
+        e.kept = len(log.done) if log is not None else None
+        raise
+    except RunError as e:  # found mid-stream (a results file that can no longer be written)
+        print(error_line(0, comm.host, str(e)), file=sys.stderr, flush=True)
+        stop_workers(comm)
+        return comm.bcast(EXIT_USAGE, "rank 0's report")
     finally:
         if log is not None:
-            log.close()
+            try:
+                log.close()
+            except OSError:  # the disk that filled up: already reported
+                pass
     return _phase_report(comm, args, record, t_job)
 
 
@@ -110,7 +127,7 @@ def _phase_validate(comm, args):
     if comm.rank == 0 and outcome.error is None:
         (setup, stream, log) = outcome.value  # type: ignore[misc]
         outcome = Outcome(value=setup)
-    agree(comm, outcome, "rank 0 to check the arguments")
+    agree(comm, outcome, "rank 0 to check the arguments", patient=True)
     setup: Setup = comm.bcast(outcome.value, "the validated arguments")
     return setup, stream, log
 
@@ -118,7 +135,9 @@ def _phase_validate(comm, args):
 def _phase_build(comm, setup: Setup, args):
     """2. Every rank builds the same model; the ranks agree on a weights checksum."""
     built = checked(lambda: _build(setup, args))
-    model, mg = agree(comm, built, "every rank to build the model")  # type: ignore[misc]
+    model, mg, notes = agree(comm, built, "every rank to build the model")  # type: ignore[misc]
+    for note in notes if comm.rank == 0 else []:
+        print(f"edgeci-mpi: note: {note}", file=sys.stderr, flush=True)
     sums = comm.allgather((comm.host, weights_checksum(model)), "weights checksums")
     bad = [r for r, (_, s) in enumerate(sums) if s != sums[0][1]]
     if bad:
@@ -137,15 +156,28 @@ def _model_key(setup: Setup) -> str:
     return f"{setup.model}@{'x'.join(map(str, setup.chw))}"
 
 
-def _phase_plan(comm, setup: Setup, args, mg, reports):
+def run_network(comm, setup: Setup, args, reports) -> str | None:
+    """The network to plan for (rank 0; None elsewhere): ``--network``, else the cluster
+    file's where it emulates devices (its links are the model's), else the probe's
+    (``profile.probe_network``, a collective step every rank takes)."""
+    if args.network != "auto":
+        return args.network if comm.rank == 0 else None
+    if setup.cluster is not None:
+        return setup.cluster.network if comm.rank == 0 else None
+    return probe_network(comm, reports)
+
+
+def _phase_plan(comm, setup: Setup, args, mg, reports, network: str | None = None):
     """4. Rank 0 plans every strategy on the calibrated model and the measured (or emulated)
-    devices; the plans reach every rank as JSON."""
+    devices, for ``network``; the plans reach every rank as JSON."""
     planned = Outcome()
     cluster = seen = spec = None
     if comm.rank == 0:
         devices, cal = calibrated(reports)
         spec = cal.apply(mg.spec) if cal is not None else mg.spec
         cluster = planning_cluster(setup.cluster, devices, comm.size)
+        if network is not None:
+            cluster = replace(cluster, network=network)
         seen = cluster if args.links == "measured" else without_links(cluster)
         planned = checked(lambda: [make_plan(spec, seen, s).to_json(indent=None)
                                    for s in setup.strategies] +
@@ -200,19 +232,31 @@ def stream_images(runners, adapters, stream, model, record, log, warmup: int, re
                 res.top5 = top5(res.logits, names)
             res.logits = None
             run.add(res, runner.plan)
-            if adapter is not None:
-                changes = adapter.observe(runner.plan, res.tile_s, res.total_s)
-                if changes:
-                    t0 = time.perf_counter()
-                    plan = replan(adapter.cluster, runner.index)
-                    runner.replan(plan)
-                    run.replanned(i, changes, time.perf_counter() - t0, plan)
+            if adapter is not None:  # re-plan only for a sustained change that pays
+                decision = adapter.step(runner.plan, res.tile_s, res.total_s,
+                                        lambda c, k=runner.index: replan(c, k))
+                if decision is not None and decision.plan is not None:
+                    runner.replan(decision.plan)
+                    run.replanned(i, decision.changes, decision.planning_s, decision.plan)
         if log is not None:
-            log.append(i, stream.labels[i], runs, done, record.reference_s[-1] if ref is not None
-                       else None)
-    record.image_indices = pending
+            append_result(log, i, stream, runs, done, record.reference_s[-1] if ref is not None
+                          else None)
+        record.image_indices.append(i)
     for run in runs:
         record.add_run(run, model is not None, VERIFY_RTOL)
+
+
+def append_result(log, i: int, stream, runs, done, ref_s) -> None:
+    """Image ``i``'s line in the results file; a write that fails (a full disk) is one line
+    naming the file and the last image it holds."""
+    try:
+        log.append(i, stream.labels[i], runs, done, ref_s)
+    except OSError as e:
+        kept = sorted(log.done)
+        last = f"image {kept[-1]} ({stream.labels[kept[-1]]})" if kept else "none"
+        raise RunError(f"cannot write results file {str(log.path)!r}: {e.strerror or e}; "
+                       f"last image kept: {last}, {len(kept)} of {len(stream)} in the file "
+                       "(free space, then --resume)") from None
 
 
 # --- phase 1: validation ------------------------------------------------------------------------
@@ -283,6 +327,7 @@ def check_plan_fits(plan: Plan, spec) -> str:
         if tuple(b.out_chw) != tuple(spec.units[b.stop - 1].out_chw) or \
                 tuple(b.in_chw) != tuple(spec.units[b.start].in_chw):
             raise RunError(f"plan block {b.name} does not match the model's shapes")
+    check_plan_geometry(plan, spec)
     return plan.to_json(indent=None)
 
 
@@ -295,7 +340,9 @@ def _validate(args, ranks: int):
 
     model = resolve_model(args.model)
     chw = parse_input(args.input) if args.input else default_input(args.model)
-    check_model_name(model)
+    user_code(f"model module {model.partition(':')[0]!r}", lambda: check_model_name(model))
+    check_output_path(args.results, "--results")
+    check_output_path(args.json, "--json")
     strategies = parse_strategies(args.strategy)
     cluster = None if args.cluster == "local" else load_cluster_file(args.cluster, ranks)
     if args.weights and not Path(args.weights).is_file():
@@ -329,6 +376,15 @@ def _results_header(args, setup: Setup) -> dict:
 
 
 def _build(setup: Setup, args):
-    m = build_model(setup.model, seed=args.seed, weights=args.weights)
-    return m, trace(m, setup.chw, name=setup.label)
+    """(model, graph, notes for rank 0); a model factory is the user's code: whatever it or
+    the model's forward raises is bad input (exit 2), not a crash."""
+    if ":" in setup.model:
+        m = user_code(f"model factory {setup.model!r}",
+                      lambda: build_model(setup.model, seed=args.seed, weights=args.weights))
+        mg = user_code(f"model {setup.label!r} on input {'x'.join(map(str, setup.chw))}",
+                       lambda: trace(m, setup.chw, name=setup.label))
+    else:
+        m = build_model(setup.model, seed=args.seed, weights=args.weights)
+        mg = trace(m, setup.chw, name=setup.label)
+    return m, mg, check_inference_mode(m)
 

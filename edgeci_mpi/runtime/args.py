@@ -27,7 +27,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="measure capabilities again instead of using the per-host cache")
     p.add_argument("--threads", type=int, default=None, metavar="T",
                    help="torch threads per rank (default: cores / ranks on the host, >= 1)")
-    p.add_argument("--watchdog", type=float, default=300.0, metavar="S",
+    p.add_argument("--watchdog", type=seconds, default=300.0, metavar="S",
                    help="abort if any single wait on other ranks exceeds S seconds (0 = never)")
     p.add_argument("--plan", metavar="FILE", default=None,
                    help="also run this plan (JSON from `edgeci-mpi plan --json`, made for this "
@@ -35,6 +35,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--links", choices=("measured", "ignore"), default="measured",
                    help="plan with the measured (or emulated) links, or as if every link were "
                         "free ('ignore': the link-blind baseline; runs still pay the real links)")
+    p.add_argument("--network", choices=("shared", "switched", "auto"), default="auto",
+                   help="plan for one shared medium (Wi-Fi: transfers one behind another) or a "
+                        "switch (each device its own full-duplex link); 'auto' (default): the "
+                        "cluster file's network where it emulates devices, else a short probe "
+                        "(two transfers at once vs one)")
     p.add_argument("--results", metavar="FILE", default=None,
                    help="append each finished image's results to FILE (JSON lines) as it lands")
     p.add_argument("--resume", action="store_true",
@@ -42,11 +47,26 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-adapt", dest="adapt", action="store_false",
                    help="keep the first plans even if a device changes speed mid-stream "
                         "(default: notice stragglers from measured tile times and re-plan)")
+    p.add_argument("--liveness", type=seconds, default=5.0, metavar="S",
+                   help="declare a rank lost when it has not been heard from (heartbeats every "
+                        "0.5 s) for S seconds; 0 = no heartbeats, only --watchdog (default 5)")
     p.add_argument("--inject-failure", default=None, help=argparse.SUPPRESS)
     p.add_argument("--inject-slowdown", default=None, help=argparse.SUPPRESS)
     p.epilog = ("--strategy also takes a comma list or 'all': every plan runs the same images "
                 "in one job, interleaved image by image.  Every rank must see the same files (model factory, weights, "
                 "cluster file); images are read on rank 0 only.")
+
+
+def seconds(text: str) -> float:
+    """A duration >= 0 (argparse type): a negative one is a usage error on every rank before
+    MPI starts, not a watchdog that fires at once."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return v
 
 
 def launcher_rank() -> int:

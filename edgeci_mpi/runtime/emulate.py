@@ -6,24 +6,27 @@ true``; rank r then *behaves like* device r of the file:
 * **compute is stretched**: after a tile is computed in ``t`` seconds, the rank sleeps
   ``device.compute_time(flops) - t`` if the modelled device is slower than this machine (it
   never speeds anything up; if the model is faster than reality the real time stands);
-* **links are delayed the way the coordinator's one link would delay them** - the same
-  shared-link schedule the planners and the simulator price (``cost.schedule`` for the
-  scatter, ``cost.gather_finish`` for the gather, on a view of the cluster in which only
-  emulated devices' links cost anything):
+* **links are delayed by the one schedule** the planners and the simulator price
+  (``cost.schedule_flow``: the cluster's network, shared or switched), on a view of the
+  cluster in which only emulated devices' links cost anything:
 
-  - *scatter*: rank 0 sends a block's input regions one behind another in plan order, so the
-    input of the k-th remote tile arrives ``sum(link_time(in_j) for j <= k)`` after the block
-    starts.  Rank 0 stamps the block's start time next to each region; the worker sleeps until
-    ``start + that sum`` before computing the tile;
-  - *gather*: finished output tiles queue for the link in the order they finish.  The worker
-    stamps each output with the time its compute ended; once all are in, rank 0 replays the
-    queue (link free after the scatter, then ``link = max(link, end) + link_time(out)`` in
-    order of ``end``) and sleeps until the last output would have arrived.
+  - *star scatter*: rank 0 stamps the block's start next to each input region; the worker
+    sleeps until ``start + `` the region's modelled arrival before computing the tile (the
+    regions go out one behind another in plan order, after any collect);
+  - *star gather*: the worker stamps each output with the time its compute ended; once all
+    are in, rank 0 replays the gather on those ends (the schedule with measured ends) and
+    sleeps until the last output would have arrived;
+  - *device-to-device pieces* (and a star block's collect): the sender stamps each piece with
+    the time it sent it; the receiver sleeps until the latest ``stamp + `` modelled arrival of
+    its pieces.  The model times a block from a barrier (all of the previous block done);
+    the run has no barrier, so each piece is timed from its own sender's start - the same
+    delays, each device on its own clock of progress;
+  - *outputs for the head* (after a device-to-device last block): as the star gather.
 
   Stamps are ``time.perf_counter()`` values, i.e. CLOCK_MONOTONIC, which every process on one
   Linux machine shares - emulation is a one-machine tool by design (a real multi-host cluster
-  has real links: see ``edgeci_mpi.netcluster``).  Stamps travel as one float64 on a side
-  communicator, only when a block has emulated remote tiles.
+  has real links: see ``edgeci_mpi.testbed``).  Stamps travel as one float64 on a side
+  communicator, only beside transfers that touch an emulated device.
 
 Real transfer times on one host (shared memory, well under a millisecond per MiB) are not
 subtracted.  Every run that emulates says so ("EMULATED") in its summary and JSON record.
@@ -39,7 +42,8 @@ from dataclasses import dataclass
 
 from dataclasses import replace
 
-from ..cost import Cluster, Device, block_items, gather_finish, schedule
+from ..cost import Cluster, Device, Timeline, block_items, gather_finish, schedule, schedule_flow
+from ..flows import BlockFlow
 from ..plan import Block
 from .failure import RunError
 
@@ -65,7 +69,8 @@ class Emulator:
         free = dict(bandwidth_Bps=float("inf"), latency_s=0.0)
         self.view = Cluster("emulated links", tuple(
             replace(d, copy_s_per_byte=0.0, **({} if self.emulates_link(i) else free))
-            for i, d in enumerate(devices)))
+            for i, d in enumerate(devices)),
+            network=cluster.network if cluster is not None else "shared")
 
     @property
     def active(self) -> bool:
@@ -78,8 +83,29 @@ class Emulator:
         return self.devices[device].link_time(nbytes) if self.emulates_link(device) else 0.0
 
     def block_links(self, block: Block) -> bool:
-        """Does this block need stamps (an emulated device holds one of its remote tiles)?"""
+        """Does this star block need stamps (an emulated device holds one of its remote tiles)?"""
         return any(self.emulates_link(t.device) for t in block.tiles)
+
+    def emulates_pair(self, src: int, dst: int) -> bool:
+        """Is a transfer between ``src`` and ``dst`` delayed (either end is emulated)?"""
+        return self.emulates_link(src) or self.emulates_link(dst)
+
+    def flow_links(self, flow: BlockFlow) -> bool:
+        """Does any piece of this block's flow touch an emulated device?"""
+        return any(self.emulates_pair(m.src, m.dst)
+                   for m in flow.collect + flow.inputs + flow.outputs)
+
+    def flow_timeline(self, block: Block, flow: BlockFlow) -> Timeline:
+        """The block on the emulated links: the modelled arrival of every piece and region."""
+        return schedule_flow(self.view, block, flow, self.bytes_per_element)
+
+    def replay_outputs(self, block: Block, flow: BlockFlow, start: float,
+                       ends: dict[int, float]) -> float:
+        """When the last output of ``block`` would be on rank 0, given the stamped ends of the
+        tiles whose outputs travel an emulated link (the others are in already)."""
+        rel = {k: ends.get(k, start) - start for k in range(len(block.tiles))}
+        t = schedule_flow(self.view, block, flow, self.bytes_per_element, ends=rel)
+        return start + max(t.moves_out, default=0.0)
 
     def stretch_compute(self, flops: float, measured_s: float, image: int = -1) -> None:
         """Sleep so that a tile computed in ``measured_s`` takes the modelled time (and the
@@ -90,18 +116,25 @@ class Emulator:
             target *= self.slowdown.factor_at(self.rank, image)
         _sleep(target - measured_s)
 
-    # --- the shared link ---------------------------------------------------------------------
+    # --- the links, as the schedule prices them ------------------------------------------------
     def scatter_offsets(self, block: Block) -> dict[int, float]:
-        """Tile index -> seconds after the block's start at which its input has arrived over
-        the coordinator's link (remote tiles, plan order, one behind another)."""
+        """Star block: tile index -> seconds after the block's start at which its input has
+        arrived over the coordinator's link (remote tiles, plan order, one behind another)."""
         timeline = schedule(self.view, block_items(block, self.bytes_per_element), whole=False)
         return {ti: timeline.arrive[ti] for ti, t in enumerate(block.tiles) if t.device != 0}
 
     def gather_finish(self, block: Block, start: float, ends: dict[int, float],
-                      offsets: dict[int, float] | None = None) -> float:
+                      offsets: dict[int, float] | None = None,
+                      flow: BlockFlow | None = None) -> float:
         """When the last output of ``block`` would be in, given each remote tile's compute end
         (``ends``, perf_counter stamps) and the block's start: the gather queue replayed.
-        ``offsets`` are the block's :meth:`scatter_offsets`, if already at hand."""
+        ``offsets`` are the block's :meth:`scatter_offsets`, if already at hand; with its
+        ``flow`` (a collect before the scatter) the whole flow is replayed."""
+        if flow is not None:
+            real = {ti: e for ti, e in ends.items()
+                    if self.emulates_link(block.tiles[ti].device)}
+            late = max((e - start for ti, e in ends.items() if ti not in real), default=0.0)
+            return max(start + late, self.replay_outputs(block, flow, start, real))
         offsets = self.scatter_offsets(block) if offsets is None else offsets
         items = block_items(block, self.bytes_per_element)
         real = {ti: e - start for ti, e in ends.items() if self.emulates_link(block.tiles[ti].device)}

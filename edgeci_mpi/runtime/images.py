@@ -13,6 +13,7 @@ its own seed, so a resumed stream can start anywhere and get the same images.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,11 @@ _MODE_WORDS = {"RGBA": "an alpha channel", "LA": "an alpha channel", "PA": "an a
                **dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N"), "16-bit pixels")}
 #: An image upscaled more than this to reach the model's input is refused as too small.
 MAX_UPSCALE = 4.0
+#: Pixels of the largest image read (a 64-megapixel photo; its RGB decode takes 192 MB).
+#: Checked from the header before anything is decoded, so a decompression bomb - a small file
+#: that claims a huge image - costs nothing; below PIL's own bomb limit (89 Mpx), so PIL
+#: never warns about an image that is read.
+MAX_PIXELS = 64_000_000
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -65,6 +71,11 @@ def check_image(img, path: str | Path, chw: tuple[int, int, int]) -> None:
         raise RunError(f"image {name} has {what} (PIL mode {img.mode}); edgeci-mpi reads 8-bit "
                        "RGB or greyscale images: convert it first")
     _, h, w = chw
+    px = img.size[0] * img.size[1]
+    if px > MAX_PIXELS:
+        raise RunError(f"image {name} is {img.size[0]}x{img.size[1]} ({px / 1e6:.0f} "
+                       f"megapixels), more than edgeci-mpi reads ({MAX_PIXELS / 1e6:.0f}): "
+                       "shrink it first (or it is a decompression bomb)")
     need = math.ceil(max(h, w) / 0.875 / MAX_UPSCALE)
     if min(img.size) < need:
         raise RunError(f"image {name} is {img.size[0]}x{img.size[1]}, too small for the "
@@ -79,11 +90,17 @@ def load_image(path: str | Path, chw: tuple[int, int, int]) -> torch.Tensor:
     if not p.is_file():
         raise RunError(f"image {str(path)!r} does not exist")
     try:
-        with Image.open(p) as img:
+        with warnings.catch_warnings():  # sizes are checked here, before decoding
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(p)
+        with img:
+            check_image(img, path, chw)  # header only: mode and size
             img.load()
-            check_image(img, path, chw)
             return preprocess(img, chw)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:  # over twice PIL's limit: refused at open
+        raise RunError(f"image {str(path)!r} is too large to read (decompression bomb?): "
+                       f"{str(e).split('.')[0]}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as e:
         if isinstance(e, RunError):
             raise
         raise RunError(f"cannot read image {str(path)!r}: {type(e).__name__}: "

@@ -26,6 +26,8 @@ schedule slows the ranks of one host that compute at the same time (``cost.conte
 Cores are what the process may use: its CPU affinity, capped by a CPU cgroup quota (v1
 ``cpu.cfs_quota_us``, v2 ``cpu.max``) - a host throttled to 0.4 of a core has 0.4 cores.
 
+Network (``--network auto``): ``runtime.netprobe``, after these reports.
+
 Cache: ``$EDGECI_CACHE_DIR`` or ``~/.cache/edgeci_mpi/``, one JSON file per host and thread
 count, written atomically by the host's measuring rank: the generic figures, the unit
 calibration per (model, input), and link figures in rank 0's host file, per peer host.
@@ -493,3 +495,4 @@ def _ping_pong_peer(comm, repeats: int = 3) -> None:
         for _ in range(repeats):
             comm.recv_bytes(buf, 0)
             comm.send_bytes(buf, 0)
+

@@ -11,8 +11,11 @@ from ..cost import Cluster
 from ..plan import Plan
 from ..units import ModelSpec
 from .aofl import plan_aofl
+from .aofl_balanced import plan_aofl_balanced
+from .coedge import plan_coedge
 from .deepthings import plan_deepthings
 from .edgeci import plan_edgeci
+from .edgeci_d2d import plan_edgeci_d2d
 from .edgeci_equal import plan_edgeci_equal
 from .edgeci_fixed import plan_edgeci_fixed
 from .edgeld import plan_edgeld
@@ -22,12 +25,14 @@ from .single import plan_single
 Planner = Callable[[ModelSpec, Cluster], Plan]
 
 STRATEGIES: dict[str, Planner] = {
+    "edgeci-d2d": plan_edgeci_d2d, "coedge": plan_coedge,
     "edgeci": plan_edgeci,
     "single": plan_single,
     "modnn": plan_modnn,
     "deepthings": plan_deepthings,
     "edgeld": plan_edgeld,
     "aofl": plan_aofl,
+    "aofl-balanced": plan_aofl_balanced,
     "edgeci-equal": plan_edgeci_equal,
     "edgeci-fixed": plan_edgeci_fixed,
 }

@@ -1,10 +1,22 @@
-"""Helpers every planner shares: turning rectangles and devices into ``Block``s and ``Plan``s."""
+"""Helpers every planner shares: turning rectangles and devices into ``Block``s and ``Plan``s.
+
+A star block (``make_block``) is priced by the star schedule (``cost.schedule``); a
+device-to-device block (``make_d2d_block``) by the same timeline with the transfers it really
+causes given who holds what before it (``cost.block_flow`` + ``cost.schedule_flow``), on the
+cluster's network.  Both are the prices the simulator and the emulation reproduce.
+"""
 from __future__ import annotations
 
-from ..cost import Cluster, block_items, contention, schedule_time, send_order, tile_times
+from typing import Sequence
+
+from ..cost import (Cluster, block_items, contention, pair_time, schedule_flow, schedule_time,
+                    send_order, tile_times)
+from ..flows import Piece, block_flow, start_holdings
 from ..geometry import Interval
 from ..plan import Block, Plan, Tile
 from ..units import BlockGeom, ModelSpec
+
+Rect = tuple[int, Interval, Interval]
 
 
 def make_tile(geom: BlockGeom, cluster: Cluster, device: int, rows: Interval,
@@ -30,6 +42,67 @@ def make_block(spec: ModelSpec, cluster: Cluster, start: int, stop: int,
     return block
 
 
+def make_d2d_block(spec: ModelSpec, cluster: Cluster, start: int, stop: int,
+                   rects: Sequence[Rect], before: Sequence[Piece], last: bool = False) -> Block:
+    """A device-to-device block of units ``[start, stop)`` with tiles ``(device, rows, cols)``,
+    given the holdings of its input map (``before``: the previous block's ``held``, or rank 0
+    alone for the first block), priced with the transfers that really cause
+    (``cost.schedule_flow`` on the cluster's network).  ``last``: the head needs the output on
+    rank 0.  Tiles are listed longest compute first, so on a shared medium the slowest tiles'
+    inputs go first (as in Johnson's rule)."""
+    block = d2d_tiles(spec, cluster, start, stop, rects)
+    price_d2d(block, cluster, before, last, spec.bytes_per_element)
+    return block
+
+
+def d2d_tiles(spec: ModelSpec, cluster: Cluster, start: int, stop: int,
+              rects: Sequence[Rect], geom: BlockGeom | None = None) -> Block:
+    """The tiles of a device-to-device block, longest compute first, not yet priced (the
+    price needs the holdings before it: :func:`price_d2d`)."""
+    geom = geom or BlockGeom.of(spec, start, stop)
+    slow = contention(cluster, [d for d, _, _ in rects])
+    tiles = [make_tile(geom, cluster, d, r, c, slow[d]) for d, r, c in rects]
+    tiles.sort(key=lambda t: -t.compute_s)
+    return Block(start, stop, block_name(spec, start, stop), geom.in_chw, geom.out_chw, tiles,
+                 source="d2d")
+
+
+def price_d2d(block: Block, cluster: Cluster, before: Sequence[Piece], last: bool,
+              bytes_per_element: int = 4):
+    """Set ``block.predicted_s`` (and each tile's transfer seconds) from its flow; returns the
+    flow, whose ``held`` the next block starts from."""
+    flow = block_flow(block, before, last)
+    block.predicted_s = schedule_flow(cluster, block, flow, bytes_per_element).finish
+    devs = cluster.devices
+    ci, co = block.in_chw[0] * bytes_per_element, block.out_chw[0] * bytes_per_element
+    per_in: dict[int, float] = {}
+    for m in flow.inputs:
+        per_in[m.dst] = per_in.get(m.dst, 0.0) + pair_time(devs, m.src, m.dst, ci * m.pixels)
+    per_out: dict[int, float] = {}
+    for m in flow.outputs:
+        per_out[m.tile] = pair_time(devs, m.src, 0, co * m.pixels)
+    mine: dict[int, int] = {}
+    for k, t in enumerate(block.tiles):
+        mine[t.device] = mine.get(t.device, 0) + 1
+    for k, t in enumerate(block.tiles):
+        t.send_s = per_in.get(t.device, 0.0) / mine[t.device]
+        t.recv_s = per_out.get(k, 0.0)
+    return flow
+
+
+def price_blocks(cluster: Cluster, blocks: list[Block], input_chw: tuple[int, int, int],
+                 bytes_per_element: int = 4) -> None:
+    """Price every block of a chain with its real flow (``cost.plan_flows``' rule): a star
+    block after a device-to-device one pays for collecting its input on rank 0, the last
+    device-to-device block for bringing the output home.  Afterwards each block's
+    ``predicted_s`` is exactly what the simulator replays."""
+    held = start_holdings(input_chw)
+    for bi, b in enumerate(blocks):
+        flow = block_flow(b, held, last=bi == len(blocks) - 1)
+        b.predicted_s = schedule_flow(cluster, b, flow, bytes_per_element).finish
+        held = flow.held
+
+
 def block_name(spec: ModelSpec, start: int, stop: int) -> str:
     first, last = spec.units[start].name, spec.units[stop - 1].name
     return first if stop - start == 1 else f"{first} .. {last}"
@@ -47,4 +120,4 @@ def finish_plan(spec: ModelSpec, cluster: Cluster, strategy: str, blocks: list[B
     total = sum(b.predicted_s for b in blocks) + head_s
     return Plan(spec.name, spec.input_chw, strategy, cluster.name,
                 [d.name for d in cluster.devices], blocks, head_s, total, 0.0, list(notes or []),
-                spec.bytes_per_element)
+                spec.bytes_per_element, cluster.network)
