@@ -36,6 +36,10 @@ _MPICH_RULE = re.compile(r"^={40,}$")
 _MPICH_BAD = re.compile(r"^=\s+BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES")
 _MPICH_PID = re.compile(r"^=\s+PID (\d+) RUNNING AT (\S+)")
 _MPICH_CODE = re.compile(r"^=\s+(?:EXIT CODE|KILLED BY SIGNAL): (\d+)")
+#: hydra's own trace lines ("[mpiexec@h0] HYD_pmci_wait_for_completion (...c:196): ...") and
+#: its Ctrl-C chatter: the job's ending is said in one line of ours instead.
+_HYDRA_TRACE = re.compile(r"^\[(?:mpiexec|proxy:[\d:]+)@[^\]]*\] (?:\S+ \(\S+\.c:\d+\)|"
+                          r"Sending Ctrl-C|Press Ctrl-C again)")
 _MPICH_TAIL = ("YOUR APPLICATION TERMINATED WITH THE EXIT STRING", "This typically refers to",
                "Please see the FAQ page")
 _OMPI_LOST = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal "
@@ -87,7 +91,7 @@ class OutputFilter:
                 if s.startswith("=") or not s.strip():
                     return False
                 self.in_block = False
-            if s.startswith(_MPICH_TAIL):
+            if s.startswith(_MPICH_TAIL) or _HYDRA_TRACE.match(s):
                 return False
             m = _OMPI_LOST.search(s)
             if m:

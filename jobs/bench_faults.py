@@ -406,12 +406,14 @@ def make():
 
 # --- re-planning ------------------------------------------------------------------------------
 
-def replan_run(a, noise: bool, slowdown: str | None) -> dict:
+def replan_run(a, noise: bool, slowdown: str | None, adapt: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="edgeci-replan-") as tmp:
         out = Path(tmp) / "run.json"
         args = ["--images", str(a.replan_images), "--json", str(out)]
         if slowdown:
             args += ["--inject-slowdown", slowdown]
+        if not adapt:
+            args += ["--no-adapt"]
         noisy = Noise() if noise else None
         job = start(a, Path(tmp), args, env={"EDGECI_LIVENESS_LOG": str(Path(tmp) / "beats")})
         try:
@@ -469,20 +471,26 @@ def pace_deadlines(blocks: list[dict], factor: float) -> int:
 def case_replans(a, rng) -> None:
     print(f"== re-planning: {a.replan_images} images, {a.model} {a.input}, 3 hosts", flush=True)
     k = a.replan_images // 3
-    for label, noise, slow in (("quiet", False, None), ("noisy", True, None),
-                               ("noisy, rank 1 5x slower", True, f"1:{k}:5")):
-        r = replan_run(a, noise, slow)
+    for label, noise, slow, adapt in (
+            ("quiet", False, None, True), ("noisy", True, None, True),
+            ("noisy, rank 1 5x slower from image %d" % k, True, f"1:{k}:5", True),
+            ("noisy, rank 1 5x slower, --no-adapt (one plan: pace deadlines)", True,
+             f"1:{k}:5", False)):
+        r = replan_run(a, noise, slow, adapt)
         after = [x["after_image"] for x in r["replans"]]
         gaps = {f"{b['rank']}<-{p}": v["max_gap_s"] for b in r["beats"]
                 for p, v in b["peers"].items()}
         line = (f"  {label}: {len(after)} re-plans (after images {after[:12]}"
                 f"{' ...' if len(after) > 12 else ''}); median latency "
                 f"{statistics.median(r['latency']) * 1e3:.1f} ms; longest heartbeat gap "
-                f"{max(gaps.values(), default=0):.2f} s; pace deadlines 3x/5x/10x would have "
-                f"declared {pace_deadlines(r['blocks'], 3)}/{pace_deadlines(r['blocks'], 5)}/"
-                f"{pace_deadlines(r['blocks'], 10)} waits lost")
-        if slow:
+                f"{max(gaps.values(), default=0):.2f} s (liveness limit 5 s)")
+        if slow and adapt:
             line += f"; recovered {recovery(r['latency'], k)} images after the first slow one"
+        if not adapt:  # every block of every image on the same plan: deadlines from its pace
+            line += (f"; deadlines of 3x/5x/10x a block's last 5 waits would have declared "
+                     f"{pace_deadlines(r['blocks'], 3)}/{pace_deadlines(r['blocks'], 5)}/"
+                     f"{pace_deadlines(r['blocks'], 10)} of {sum(len(b['measured_per_image_s']) for b in r['blocks'])} "
+                     f"live waits lost")
         print(line, flush=True)
 
 

@@ -404,6 +404,18 @@ def test_filter_remembers_rank_0s_lost_and_stop_lines():
     assert f.stop_line.startswith("edgeci-mpi: stopped by SIGTERM")
 
 
+def test_filter_holds_back_hydras_trace_and_ctrl_c_chatter():
+    f = L.OutputFilter()
+    for line in ["[mpiexec@h0] HYD_pmci_wait_for_completion (/mpich-5.0.2/src/pm/hydra/mpiexec/"
+                 "pmiserv_pmci.c:196): launcher returned error waiting for completion",
+                 "[proxy:1@h1] HYD_pmcd_pmip_control_cmd_cb (/mpich/src/pm/hydra/proxy/"
+                 "pmip_cb.c:490): assert (!closed) failed",
+                 "[mpiexec@vm] Sending Ctrl-C to processes as requested",
+                 "[mpiexec@vm] Press Ctrl-C again to force abort"]:
+        assert not f.line(line + "\n"), line
+    assert f.line("strategy edgeci: latency 12.00 ms\n")
+
+
 def fake_ssh(tmp_path: Path, text: str, code: int = 255) -> str:
     p = tmp_path / "ssh"
     p.write_text(f"#!/bin/sh\necho '{text}' >&2\nexit {code}\n")
@@ -661,6 +673,19 @@ def test_a_model_in_training_mode_runs_in_eval_with_a_note(factories, capsys):
     assert err == ("edgeci-mpi: note: the model factory returned the model in training mode; "
                    "it runs in eval mode (dropout off, BatchNorm with its running "
                    "statistics)\n")
+
+
+def test_a_decompression_bomb_is_refused_before_anything_runs(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
+    (tmp_path / "dir").mkdir()
+    Image.new("RGB", (9000, 8000)).save(tmp_path / "dir" / "big.png")
+    for args in (["--image", str(tmp_path / "bomb.png")], ["--image-dir", str(tmp_path / "dir")]):
+        rc = run_in_process(["--model", "resnet18", "--input", "3x32x32", *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1, err
+        assert "too large to read" in err or "more than edgeci-mpi reads" in err
 
 
 @pytest.mark.parametrize("flag,where,expect", [

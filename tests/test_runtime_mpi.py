@@ -373,8 +373,7 @@ def check_reports(comm, base: str, first_s: float, first, second, third) -> None
 def test_reports_calibrate_the_models_units(comm, tmp_path_factory, monkeypatch):
     """With a model, rank 0's host fits every unit; the devices' speeds come from the hosts'
     whole-map unit times; a second start takes it all from the cache."""
-    from edgeci_mpi.graph import trace
-    from edgeci_mpi.runtime.profile import calibrated, gather_reports
+    from edgeci_mpi.runtime.profile import gather_reports
 
     base = comm.bcast(str(tmp_path_factory.mktemp("cal")) if comm.rank == 0 else None, "dir")
     monkeypatch.setenv("EDGECI_CACHE_DIR", base)
@@ -385,6 +384,8 @@ def test_reports_calibrate_the_models_units(comm, tmp_path_factory, monkeypatch)
 
 
 def check_calibration(comm, mg, first, second) -> None:
+    from edgeci_mpi.runtime.profile import calibrated
+
     if comm.rank != 0:
         assert first is None and second is None
         return
