@@ -180,8 +180,7 @@ class _Links:
 
     def __init__(self, network: str):
         self.shared = network == "shared"
-        self.starts: dict = {}
-        self.ends: dict = {}
+        self.lanes: dict = {}     # link side -> (starts, ends), sorted, touching ones merged
         self.busy: dict = {}
 
     def place(self, src: int, dst: int, ready: float, dur: float) -> float:
@@ -189,19 +188,17 @@ class _Links:
         if dur <= 0:
             return ready
         keys = ("medium",) if self.shared else (("out", src), ("in", dst))
+        lanes = [self.lanes.setdefault(k, ([], [])) for k in keys]
         t = ready
         moved = True
         while moved:
             moved = False
-            for k in keys:
-                st, en = self.starts.get(k), self.ends.get(k)
+            for st, en in lanes:
                 if st:
                     i = bisect_right(en, t)  # the first busy interval still running at t
                     if i < len(st) and st[i] < t + dur:
                         t, moved = en[i], True
-        for k in keys:
-            st = self.starts.setdefault(k, [])
-            en = self.ends.setdefault(k, [])
+        for k, (st, en) in zip(keys, lanes):
             a, b = t, t + dur
             i = bisect_right(st, a)
             if i > 0 and en[i - 1] >= a:  # touches the previous interval: one busy stretch

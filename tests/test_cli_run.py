@@ -185,8 +185,9 @@ def test_emulated_cluster_is_labelled(cache_dir, tmp_path):
 
 
 def test_straggler_is_noticed_and_replanned(cache_dir, tmp_path):
-    """Rank 1 becomes 6x slower from image 3: noticed when image 3 is in, image 4 runs on a
-    new plan that gives it less work; with --no-adapt the first plan stays."""
+    """Rank 1 becomes 6x slower from image 3: a sustained change (hysteresis, issue 12) is
+    re-planned after image 3 or 4, so the stream recovers within two images; with --no-adapt
+    the first plan stays."""
     runs, outs = {}, {}
     for flag in ("--verify", "--no-adapt"):
         out = tmp_path / f"straggler{flag}.json"
@@ -198,11 +199,13 @@ def test_straggler_is_noticed_and_replanned(cache_dir, tmp_path):
     adapted, fixed = runs["--verify"], runs["--no-adapt"]
     assert fixed["replans"] == [] and fixed["plan_versions"] == [0] * 6
     first = adapted["replans"][0]
-    assert first["after_image"] == 3, adapted["replans"]
+    k = first["after_image"]
+    assert k in (3, 4), adapted["replans"]
     assert [c["rank"] for c in first["changes"]] == [1] and first["changes"][0]["slowdown"] > 3
-    assert adapted["plan_versions"][:4] == [0] * 4 and adapted["plan_versions"][4] >= 1
+    assert adapted["plan_versions"][:k + 1] == [0] * (k + 1)
+    assert adapted["plan_versions"][k + 1] >= 1
     assert adapted["verify"]["ok"]
-    assert "re-planned after image 3: rank 1" in outs["--verify"]
+    assert f"re-planned after image {k}: rank 1" in outs["--verify"]
 
     def share(plan: dict, rank: int) -> int:
         return sum((t["out_rows"][1] - t["out_rows"][0]) * (t["out_cols"][1] - t["out_cols"][0])

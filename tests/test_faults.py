@@ -290,6 +290,17 @@ def test_run_guarded_an_orphan_leaves_without_mpi(capsys):
     assert capsys.readouterr().err.startswith("edgeci-mpi: error on rank 0 (h0): orphaned:")
 
 
+def test_run_guarded_a_worker_that_lost_rank_0_just_leaves(capsys):
+    comm = StubComm()
+    comm.rank, comm.host = 2, "h2"
+
+    def body():
+        raise PeerLost("lost rank 0 (h0): silent for 5.0 s", (0,), ("h0",))
+
+    assert run_guarded(comm, body) == 1 and comm.left == 1 and comm.aborted is None
+    assert capsys.readouterr().err.startswith("edgeci-mpi: error on rank 2 (h2): lost rank 0")
+
+
 def test_run_guarded_a_lost_peer_aborts(capsys, monkeypatch):
     monkeypatch.setattr(time, "sleep", lambda s: None)
     comm = StubComm()

@@ -109,7 +109,9 @@ def test_all_names_every_peer():
     ("resnet34", (3, 97, 131), "boards-gigabit", 8),
     ("vgg16", (3, 64, 80), "boards-gigabit", 16),
     ("resnet18", (3, 160, 120), "local", 4),
-    ("mobilenet_v2", (3, 96, 96), "boards-gigabit", 6),
+    ("resnet50", (3, 128, 128), "boards-gigabit", 6),
+    ("squeezenet1_1", (3, 160, 160), "boards-gigabit", 6),
+    ("densenet121", (3, 96, 96), "boards-gigabit", 6),
 ])
 def test_device_to_device_plans_exact(name, chw, preset, devices, strategy):
     plan = check_exact(name, chw, load_cluster(preset).resized(devices), strategy)

@@ -38,8 +38,9 @@ price the block has got; a ``k`` state is entered only from the ``star`` state, 
 ``k`` state and the best device-to-device state at ``i``; a transition whose compute alone
 (work over the ``k`` devices' speed, then the layout's slowest device) cannot beat the
 target's best is not priced (on a shared medium the floor adds one latency per remote device:
-each receives at least its halo; and a layout's halos alone on the network - the medium, or
-its busiest device - are taken as a floor too: a different previous layout only moves more); neither is a state that trails the best state at its boundary
+each receives at least its halo; and the halos alone on the network - the medium, or the
+busiest device - are taken as a floor too, estimated from the block's geometry before a layout
+is made and from the layout after: a different previous layout only moves more); neither is a state that trails the best state at its boundary
 by more than moving that whole map once costs (no later saving from its layout can make up
 for that); deeper fusion for a ``k`` stops once
 its layout recomputes more than EdgeCI's redundancy limit (a single unit, never cut, is
@@ -120,9 +121,11 @@ class _Planner:
         # every remote device of a device-to-device block receives at least one message (its
         # halo, or its whole region from rank 0 in the first block): on a shared medium they
         # queue, on a switched network they overlap
-        least = min((d.latency_s for d in remote), default=0.0)
+        least = self.least_latency = min((d.latency_s for d in remote), default=0.0)
+        self.fastest_link = max((d.bandwidth_Bps for d in remote), default=math.inf)
         self.net_floor = {k: least * (sum(1 for d in self.sets[k] if d != 0)
                                       if cluster.network == "shared" else 1) for k in self.ks}
+        self.floor_cache: dict[tuple[int, int, int], float] = {}
         self.star_cache: dict[tuple[int, int], Block] = {}
         self.alone_cache: dict[tuple[int, int], Block] = {}
         self.lay_cache: dict[tuple[int, int, int], list[Layout]] = {}
@@ -164,6 +167,33 @@ class _Planner:
                                               i, j, self.sets[k],
                                               self.halo_memo.setdefault((i, j), {}))
         return self.lay_cache[key]
+
+    def halo_floor(self, i: int, j: int, k: int) -> float:
+        """About the least a device-to-device block ``[i, j)`` over ``k`` devices spends on
+        the network before its layout is known: the first block's regions leave rank 0 one
+        behind another; later, each remote device lacks at least its halo (a middle row
+        strip's, or a near-square tile's if smaller), and on a shared medium they queue."""
+        key = (i, j, k)
+        hit = self.floor_cache.get(key)
+        if hit is not None:
+            return hit
+        g = BlockGeom.of(self.spec, i, j)
+        ci, ih, iw = g.in_chw
+        _, h, w = g.out_chw
+        remote = sum(1 for d in self.sets[k] if d != 0)
+        if i == 0:
+            t = remote * (ci * ih * iw * self.bpe / k / self.fastest_link + self.least_latency)
+        else:
+            rows = max(1, h // k)
+            r0 = (h - rows) // 2
+            (a, b), _ = g.input_region((r0, r0 + rows), (0, w))
+            halo = max(0, (b - a) - rows * ih / h)           # rows the strip lacks
+            side = math.sqrt(ih * iw / k)
+            per_dev = min(halo * iw, halo * 2 * side + halo * halo) * ci * self.bpe
+            one = per_dev / self.fastest_link + self.least_latency
+            t = remote * one if self.cluster.network == "shared" else one
+        self.floor_cache[key] = t
+        return t
 
     def reshuffle(self, j: int) -> float:
         """What moving the whole map at boundary ``j`` once costs at most: the bound on what a
@@ -263,7 +293,8 @@ class _Planner:
         d2d = [k for k in prevs if k != STAR]
         best_d2d = min(d2d, key=lambda k: prevs[k].total) if d2d else None
         work = float(self.prefix[j] - self.prefix[i])
-        floors = {k: work / self.speed[k] + self.net_floor[k] for k in self.ks}
+        floors = {k: max(work / self.speed[k] + self.net_floor[k], self.halo_floor(i, j, k))
+                  for k in self.ks}
         pair_best = min((b.predicted_s for b in (self.star_cache.get((i, j)), self.alone(i, j))
                          if b), default=math.inf)
         preds = [prevs[key] for key in dict.fromkeys([STAR, best_d2d]) if key in prevs]
@@ -346,7 +377,7 @@ def _finish(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, classes, path)
                 work, model, cost = held_model(geom, held, arr, last)
                 for bands in layout_bands(h, w, len(devices)):
                     options.append(quick_awas(h, w, devices, bands, cost, work, model)[0])
-        nxt = path[q + 1] if q + 1 < len(path) else None
+        nxt = path[q + 1] if q + 1 < len(path) and len(options) > 1 else None
         chosen = None
         for opt in options:
             b = opt if isinstance(opt, Block) else make_d2d_block(spec, cluster, i, j, opt,
