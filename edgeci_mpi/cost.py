@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -187,19 +187,34 @@ class _Links:
         """Schedule one transfer; returns when it has arrived."""
         if dur <= 0:
             return ready
-        keys = ("medium",) if self.shared else (("out", src), ("in", dst))
-        lanes = [self.lanes.setdefault(k, ([], [])) for k in keys]
+        get = self.lanes.get
+        if self.shared:
+            keys = ("medium",)
+        else:
+            keys = (("out", src), ("in", dst))
+        lanes = [get(k) or self.lanes.setdefault(k, ([], [])) for k in keys]
         t = ready
-        moved = True
-        while moved:
-            moved = False
-            for st, en in lanes:
-                if st:
-                    i = bisect_right(en, t)  # the first busy interval still running at t
-                    if i < len(st) and st[i] < t + dur:
-                        t, moved = en[i], True
+        if any(en and en[-1] > t for _, en in lanes):   # else: after everything, no search
+            moved = True
+            while moved:
+                moved = False
+                for st, en in lanes:
+                    if st and en[-1] > t:
+                        i = bisect_right(en, t)  # the first busy interval still running at t
+                        if st[i] < t + dur:
+                            t, moved = en[i], True
+        end = t + dur
+        busy = self.busy
         for k, (st, en) in zip(keys, lanes):
-            a, b = t, t + dur
+            busy[k] = busy.get(k, 0.0) + dur
+            if not st or t >= en[-1]:   # at the end of the lane: extend or append
+                if st and en[-1] == t:
+                    en[-1] = end
+                else:
+                    st.append(t)
+                    en.append(end)
+                continue
+            a, b = t, end
             i = bisect_right(st, a)
             if i > 0 and en[i - 1] >= a:  # touches the previous interval: one busy stretch
                 i -= 1
@@ -210,8 +225,7 @@ class _Links:
                 del st[i], en[i]
             st.insert(i, a)
             en.insert(i, b)
-            self.busy[k] = self.busy.get(k, 0.0) + dur
-        return t + dur
+        return end
 
     def max_busy(self) -> float:
         return max(self.busy.values(), default=0.0)
@@ -229,8 +243,7 @@ class Timeline:
     moves_out: list[float] = field(default_factory=list)  # outputs, in flow order
 
 
-@dataclass(frozen=True)
-class Move:
+class Move(NamedTuple):
     """A priced transfer: ``deps`` are the tiles that wait for it (inputs) or whose end it
     waits for (outputs); ``sliced``: the sender copies it out of a larger piece first."""
 
@@ -255,11 +268,13 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
        before its first send or its own tile; device to device - every sender copies the
        pieces it sends out of its held tiles (``Move.sliced``), one after another;
     3. the input transfers, in the order given, each into the earliest gap of the links it
-       uses (the medium, or the sender's and the receiver's link sides);
+       uses (the medium, or the sender's and the receiver's link sides); in the star that is
+       rank 0's sending side, one behind another;
     4. each device computes its tiles in turn (slowed by :func:`contention`), each once all
        of its inputs have arrived and been assembled (``assemble``: bytes copied into the
        tile's input buffer); ``ends`` replaces modelled ends by measured ones (emulation);
-    5. the outputs, in the order their tiles finish, then rank 0 stitches ``stitch_bytes``.
+    5. the outputs, in the order their tiles finish (the star: on rank 0's receiving side,
+       after the scatter on a shared medium), then rank 0 stitches ``stitch_bytes``.
 
     A block is done when every tile is computed and every output has arrived."""
     devs = cluster.devices
@@ -275,13 +290,17 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
         start += collect_bytes * copy[0]
     free: dict[int, float] = {}
     need = [0.0] * len(tiles)
-    if star:
+    if star:  # rank 0's sending side (or the medium, free after the collect) in turn
         start += slice_bytes * copy[0]
-        free[0] = start
+        free[0] = lane = start
         for m in inputs:
-            moves_in.append(links.place(0, m.dst, start, pair_time(devs, 0, m.dst, m.nbytes)))
+            if m.nbytes > 0:
+                lane += devs[m.dst].link_time(m.nbytes)
+            moves_in.append(lane)
             for k in m.deps:
-                need[k] = max(need[k], moves_in[-1])
+                if lane > need[k]:
+                    need[k] = lane
+        scatter = lane - start
     else:
         for m in inputs:
             ready = free.get(m.src, 0.0)
@@ -294,18 +313,42 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
                 need[k] = max(need[k], moves_in[-1])
     arrive, end = [], []
     for k, (d, work) in enumerate(tiles):
-        a = max(need[k], free.get(d, 0.0), start if d == 0 and star else 0.0)
+        a = need[k]
+        f = free.get(d, 0.0)
+        if f > a:
+            a = f
+        if star and d == 0 and start > a:
+            a = start
         if assemble is not None and assemble[k]:
             a += assemble[k] * copy[d]
         arrive.append(a)
         e = ends[k] if ends is not None and k in ends else \
-            max(a, free.get(d, 0.0)) + devs[d].compute_time(work) * slow[d]
+            a + devs[d].compute_time(work) * slow[d]
         free[d] = e
         end.append(e)
     finish = max(end, default=start)
     moves_out = [0.0] * len(outputs)
-    ready = [max((end[k] for k in m.deps), default=0.0) for m in outputs]
-    for i in sorted(range(len(outputs)), key=lambda i: ready[i]):
+    ready = [end[m.deps[0]] if len(m.deps) == 1 else max((end[k] for k in m.deps), default=0.0)
+             for m in outputs]
+    order = sorted(range(len(outputs)), key=lambda i: ready[i])
+    if star:  # rank 0's receiving side in turn: on a shared medium after the scatter
+        shared = cluster.network == "shared"
+        lane = moves_in[-1] if shared and inputs else max(moves_in[:len(collect)], default=0.0)
+        gather = 0.0
+        for i in order:
+            m = outputs[i]
+            t = devs[m.src].link_time(m.nbytes)
+            r = ready[i]
+            lane = (lane if lane > r else r) + t
+            gather += t
+            moves_out[i] = lane
+        if moves_out and max(moves_out) > finish:
+            finish = max(moves_out)
+        finish += stitch_bytes * copy[0]
+        busy = links.max_busy() + scatter + gather if shared else \
+            max(links.max_busy(), scatter, links.busy.get(("in", 0), 0.0) + gather)
+        return Timeline(arrive, end, finish, busy, moves_in, moves_out)
+    for i in order:
         m = outputs[i]
         moves_out[i] = links.place(m.src, m.dst, ready[i], pair_time(devs, m.src, m.dst, m.nbytes))
         finish = max(finish, moves_out[i])

@@ -236,13 +236,16 @@ def test_a_rank_that_fails_in_a_d2d_block_is_seen_by_the_watchdog(comm):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_network_probe_finds_one_host_switched(comm):
-    """Ranks on one host share memory: two transfers at once take about as long as one, so
-    the probe says switched (and every rank takes part without hanging)."""
-    from edgeci_mpi.runtime.netprobe import probe_network
+def test_network_probe(comm):
+    """Ranks on one host share memory: switched, without probing; the probe's exchange itself
+    (rank 0 and one peer, one way and both ways at once) measures on every rank count."""
+    from edgeci_mpi.runtime import netprobe
 
-    got = probe_network(comm)
+    got = netprobe.probe_network(comm)
+    assert got == ("switched" if comm.rank == 0 else None)
     if comm.rank == 0:
-        assert got == "switched"
-    else:
-        assert got is None
+        one, both = netprobe._exchange_root(comm, 1, 1 << 16, 2)
+        assert 0 < one and 0 < both
+    elif comm.rank == 1:
+        netprobe._exchange_peer(comm, 1 << 16, 2)
+    comm.quiet_barrier()

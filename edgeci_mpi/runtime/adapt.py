@@ -33,6 +33,8 @@ recovers within two images of the one that revealed it (``jobs/bench_straggler.p
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from collections import defaultdict, deque
@@ -81,6 +83,7 @@ class Adapter:
         self.pending: dict[int, list[float]] = defaultdict(list)  # out-of-band factors in a row
         self.scale: dict[int, float] = defaultdict(lambda: 1.0)   # belief / the plan's model
         self.penalty: dict[int, float] = defaultdict(float)       # flap damping
+        self.images = 0
 
     def observe(self, plan: Plan, tile_s: dict[tuple[int, int], float],
                 image_s: float) -> list[Change]:
@@ -93,6 +96,7 @@ class Adapter:
                 if (bi, ti) in tile_s and t.compute_s > 0:
                     measured[t.device] += tile_s[bi, ti]
                     predicted[t.device] += t.compute_s
+        self.images += 1
         changes = []
         for d in self.penalty:
             self.penalty[d] *= 0.5 ** (1 / PENALTY_HALF_LIFE)
@@ -141,6 +145,7 @@ class Adapter:
         decision = Decision(changes, None, time.perf_counter() - t0,
                             simulate(plan, self.cluster).simulated_s,
                             simulate(new, self.cluster).simulated_s)
+        _log(self.images, decision)
         if decision.new_s <= (1 - MIN_GAIN) * decision.old_s:
             decision.plan = new  # made on the belief: paces are against it from now on
             self.pending.clear()
@@ -157,3 +162,14 @@ class Adapter:
         """:meth:`observe` then, if anything changed, :meth:`decide`; None when nothing did."""
         changes = self.observe(plan, tile_s, image_s)
         return self.decide(plan, changes, replan) if changes else None
+
+
+def _log(image: int, d: Decision) -> None:
+    """``EDGECI_ADAPT_LOG=FILE``: every decision as a JSON line (the benchmarks' why)."""
+    path = os.environ.get("EDGECI_ADAPT_LOG")
+    if not path:
+        return
+    row = {"image": image - 1, "replanned": d.plan is not None, "old_s": d.old_s,
+           "new_s": d.new_s, "changes": [[c.device, c.factor, c.extra_s] for c in d.changes]}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")

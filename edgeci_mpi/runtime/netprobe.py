@@ -7,8 +7,9 @@ Wi-Fi access point) decides how the planners price device-to-device transfers
 send each other the same message at the same moment, and compare that with one message alone.
 On a full-duplex link both directions finish in about the time of one; on a half-duplex shared
 medium in about twice (``SHARED_RATIO`` is the line between).  Best of three, with a message
-sized to the measured link (about 10 ms one way), so it costs well under a second.  Ranks on
-one host (shared memory) come out switched, as the ``local`` preset says.
+sized to the measured link (about 10 ms one way), so it costs well under a second.  Ranks all
+on one host are not probed: shared memory lets different pairs copy at once (``switched``, as
+the ``local`` preset says), and timing two copies there only measures how busy the cores are.
 """
 from __future__ import annotations
 
@@ -35,8 +36,12 @@ def probe_network(comm, reports: list[Report] | None = None, repeats: int = 3) -
         if n:
             _exchange_peer(comm, int(n), repeats)
         return None
-    hosts = [r.host for r in reports] if reports else []
-    peer = next((r for r, h in enumerate(hosts) if r and h != hosts[0]), 1)
+    hosts = [r.host for r in reports] if reports else [comm.host] * comm.size
+    peer = next((r for r, h in enumerate(hosts) if r and h != hosts[0]), None)
+    if peer is None:  # one host: shared memory, where two copies at once only share cores
+        for r in range(1, comm.size):
+            comm.send_control(0, r, TAG_NET, f"rank {r} to skip the network probe")
+        return "switched"
     bw = reports[peer].bandwidth_Bps if reports else float("inf")
     n = int(min(4 << 20, max(64 << 10, bw * PROBE_TARGET_S if bw < float("inf") else 4 << 20)))
     for r in range(1, comm.size):
