@@ -422,32 +422,22 @@ def _run_with_retries(args, command: list[str], results: str | None, plan: Launc
     """Run the job; while a rank or host is lost and retries are left, run it again on what
     is left of the hostfile, resuming the results file."""
     hosts = parse_hostfile(args.hostfile) if args.hostfile else None
+    if hosts is not None and check_hosts(hosts, args.hostfile):
+        hosts = None  # every host is this machine: drop ranks, not the machine
     ranks = int(plan.argv[plan.argv.index("-n") + 1])
     t0 = time.time()
     for attempt in range(args.retry + 1):
         end = run_job(plan, control, results)
         if end.code == 0 or end.stopped or not end.lost or attempt == args.retry:
             return end.code
-        if hosts is not None:
-            placed = rank_hosts(hosts, ranks)
-            dropped = [h for h in hosts if any(placed[r] is h for r in end.lost if r < ranks)]
-            hosts = [h for h in hosts if h not in dropped]
-            slots = sum(h.slots for h in hosts)
-            ranks = min(ranks if args.ranks is not None else slots, slots)
-            what = ", ".join(f"host {h.name} (rank{'s' * (len(rs) > 1)} "
-                             f"{','.join(map(str, rs))})"
-                             for h in dropped for rs in [[r for r in end.lost if r < len(placed)
-                                                          and placed[r] is h]])
-        else:
-            ranks -= len(end.lost)
-            what = f"rank{'s' * (len(end.lost) > 1)} {','.join(map(str, end.lost))}"
-        if ranks < 1 or (hosts is not None and not hosts):
+        hosts, ranks, what = drop_lost(hosts, ranks, end.lost, args.ranks is not None)
+        if ranks < 1:
             print(f"{PROG}: note: {what} lost and nothing left to retry on", file=sys.stderr,
                   flush=True)
             return end.code
         sub = Path(folder) / f"retry{attempt + 1}"
         sub.mkdir()
-        hostfile = None
+        hostfile = args.hostfile
         if hosts is not None:
             hostfile = str(sub / "hosts")
             Path(hostfile).write_text("".join(f"{h.name}:{h.slots}\n" for h in hosts))
@@ -462,6 +452,25 @@ def _run_with_retries(args, command: list[str], results: str | None, plan: Launc
               f"({images_in(results)} images kept)", file=sys.stderr, flush=True)
         plan = build_launch(ranks, hostfile, command, str(sub))
     return end.code  # pragma: no cover - the loop returns
+
+
+def drop_lost(hosts: list[Host] | None, ranks: int, lost: list[int],
+              fixed: bool) -> tuple[list[Host] | None, int, str]:
+    """What is left after losing ``lost`` ranks: the hosts without theirs and the ranks that
+    fit the slots left (``fixed``: no more than the ``-n`` asked for), or - without remote
+    hosts - one rank fewer per lost rank; and the words for what was dropped."""
+    if hosts is None:
+        return None, ranks - len(lost), \
+            f"rank{'s' * (len(lost) > 1)} {','.join(map(str, sorted(lost)))}"
+    placed = rank_hosts(hosts, ranks)
+    gone = {id(placed[r]): placed[r] for r in lost if r < len(placed)}
+    words = []
+    for h in gone.values():
+        rs = [r for r in sorted(lost) if r < len(placed) and placed[r] is h]
+        words.append(f"host {h.name} (rank{'s' * (len(rs) > 1)} {','.join(map(str, rs))})")
+    left = [h for h in hosts if id(h) not in gone]
+    slots = sum(h.slots for h in left)
+    return left, min(ranks if fixed else slots, slots), ", ".join(words)
 
 
 def main(argv: list[str] | None = None) -> int:

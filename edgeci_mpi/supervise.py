@@ -36,6 +36,7 @@ _MPICH_RULE = re.compile(r"^={40,}$")
 _MPICH_BAD = re.compile(r"^=\s+BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES")
 _MPICH_PID = re.compile(r"^=\s+PID (\d+) RUNNING AT (\S+)")
 _MPICH_CODE = re.compile(r"^=\s+(?:EXIT CODE|KILLED BY SIGNAL): (\d+)")
+_USAGE = re.compile(rf"^{PROG} \w+: error: ")  # argparse, printed by rank 0
 #: hydra's own trace lines ("[mpiexec@h0] HYD_pmci_wait_for_completion (...c:196): ...") and
 #: its Ctrl-C chatter: the job's ending is said in one line of ours instead.
 _HYDRA_TRACE = re.compile(r"^\[(?:mpiexec|proxy:[\d:]+)@[^\]]*\] (?:\S+ \(\S+\.c:\d+\)|"
@@ -65,13 +66,14 @@ class OutputFilter:
         self.lost_ranks: list[int] = []  # named silent by rank 0 ("lost rank 2 (h2)")
         self.lost_at: float | None = None  # when (time.time()) rank 0 named them
         self.stop_line: str | None = None  # rank 0's "stopped by SIGTERM ..." line
+        self.hydra_said: str | None = None  # the first of hydra's trace lines held back
         self.lock = threading.Lock()
 
     def line(self, text: str) -> bool:
         """True to forward ``text``."""
         s = text.rstrip("\n")
         with self.lock:
-            if s.startswith(f"{PROG}: error"):
+            if s.startswith(f"{PROG}: error") or _USAGE.match(s):
                 self.error_seen = True
                 ranks = lost_ranks_in(s)
                 if ranks and not self.lost_ranks and s.startswith(f"{PROG}: error on rank 0 "):
@@ -91,7 +93,11 @@ class OutputFilter:
                 if s.startswith("=") or not s.strip():
                     return False
                 self.in_block = False
-            if s.startswith(_MPICH_TAIL) or _HYDRA_TRACE.match(s):
+            if _HYDRA_TRACE.match(s):
+                if self.hydra_said is None and "Ctrl-C" not in s:
+                    self.hydra_said = s
+                return False
+            if s.startswith(_MPICH_TAIL):
                 return False
             m = _OMPI_LOST.search(s)
             if m:
@@ -285,7 +291,23 @@ def run_job(plan, control: Control, results: str | None = None) -> Ending:
         print(msg, file=sys.stderr, flush=True)
         m = re.search(r"error: rank (\d+) ", msg)
         lost = [int(m.group(1))] if m else []
+    if code not in (0, 2, 3) and not filt.error_seen and filt.lost is None:  # 2, 3: bad input,
+        print(silent_ending(code, filt.hydra_said), file=sys.stderr, flush=True)  # --verify
     return Ending(code, lost, filt.lost_at or time.time())
+
+
+def silent_ending(code: int, hydra: str | None) -> str:
+    """The one line for a job that ended badly without a word from any rank (a process manager
+    killed: the ranks it started end as orphans, their lines go nowhere)."""
+    said = ""
+    if hydra:
+        m = re.match(r"^\[[^\]]*\] (\S+) \(\S+\): (.*)$", hydra)
+        said = f"; mpiexec says: {m.group(1)}: {m.group(2)}" if m else f"; mpiexec says: {hydra}"
+        if "assert (!closed)" in hydra:
+            said += " (a connection to a process manager, hydra_pmi_proxy, closed: it was " \
+                    "killed, or its host is gone)"
+    return f"{PROG}: error: mpiexec ended the job (exit code {code}) without a word from " \
+           f"the ranks{said}"
 
 
 def _wait_ending(proc: subprocess.Popen, control: Control, filt: OutputFilter) -> int:

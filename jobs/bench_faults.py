@@ -406,10 +406,13 @@ def make():
 
 # --- re-planning ------------------------------------------------------------------------------
 
-def replan_run(a, noise: bool, slowdown: str | None, adapt: bool = True) -> dict:
+def replan_run(a, noise: bool, slowdown: str | None, adapt: bool = True,
+               shape: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="edgeci-replan-") as tmp:
         out = Path(tmp) / "run.json"
         args = ["--images", str(a.replan_images), "--json", str(out)]
+        if shape:
+            args += ["--input", shape]  # (the later --input wins)
         if slowdown:
             args += ["--inject-slowdown", slowdown]
         if not adapt:
@@ -430,8 +433,13 @@ def replan_run(a, noise: bool, slowdown: str | None, adapt: bool = True) -> dict
         rec = json.loads(out.read_text())
         beats = [json.loads(p.read_text()) for p in Path(tmp).glob("beats.*.json")]
     run = rec["runs"][0]
+    work: dict[int, float] = {}
+    for b in run["plan"]["blocks"]:
+        for t in b["tiles"]:
+            work[t["device"]] = work.get(t["device"], 0.0) + t.get("flops", 0.0)
     return {"replans": run["replans"], "latency": run["latency_s"],
-            "versions": run["plan_versions"], "blocks": run["blocks"], "beats": beats}
+            "versions": run["plan_versions"], "blocks": run["blocks"], "beats": beats,
+            "share": {d: w / max(sum(work.values()), 1e-30) for d, w in work.items()}}
 
 
 class Noise:
@@ -449,13 +457,6 @@ class Noise:
         self.proc.wait()
 
 
-def recovery(lat: list[float], k: int) -> int | None:
-    """Images after the first slow one (k) until latency is within 15 % of its steady value
-    on the slowed cluster (the median from k+5 on)."""
-    steady = statistics.median(lat[k + 5:])
-    return next((j - k for j in range(k, len(lat)) if lat[j] <= 1.15 * steady), None)
-
-
 def pace_deadlines(blocks: list[dict], factor: float) -> int:
     """How many block waits a deadline of ``factor`` x the median of that block's last 5
     measured times would have declared lost (every one of them a false alarm: nothing died)."""
@@ -471,12 +472,20 @@ def pace_deadlines(blocks: list[dict], factor: float) -> int:
 def case_replans(a, rng) -> None:
     print(f"== re-planning: {a.replan_images} images, {a.model} {a.input}, 3 hosts", flush=True)
     k = a.replan_images // 3
-    for label, noise, slow, adapt in (
-            ("quiet", False, None, True), ("noisy", True, None, True),
-            ("noisy, rank 1 5x slower from image %d" % k, True, f"1:{k}:5", True),
-            ("noisy, rank 1 5x slower, --no-adapt (one plan: pace deadlines)", True,
-             f"1:{k}:5", False)):
-        r = replan_run(a, noise, slow, adapt)
+    big = a.straggler_input
+    n, a.replan_images = a.replan_images, 3  # which worker the plan gives the most work
+    share = replan_run(a, False, None, False, big)["share"]
+    a.replan_images = n
+    w = max((d for d in share if d != 0), key=lambda d: share[d], default=1)
+    shares = ", ".join(f"rank {d} {share[d]:.0%}" for d in sorted(share) if d)
+    print(f"  (the first plan on {big} gives the workers {shares or 'nothing'} of the work: "
+          f"rank {w} is slowed down)", flush=True)
+    for label, noise, slow, adapt, shape in (
+            ("quiet", False, None, True, None), ("noisy", True, None, True, None),
+            (f"noisy, {big}, rank {w} 5x slower from image {k}, --no-adapt (one plan: pace "
+             "deadlines)", True, f"{w}:{k}:5", False, big),
+            (f"noisy, {big}, rank {w} 5x slower from image {k}", True, f"{w}:{k}:5", True, big)):
+        r = replan_run(a, noise, slow, adapt, shape)
         after = [x["after_image"] for x in r["replans"]]
         gaps = {f"{b['rank']}<-{p}": v["max_gap_s"] for b in r["beats"]
                 for p, v in b["peers"].items()}
@@ -485,7 +494,15 @@ def case_replans(a, rng) -> None:
                 f"{statistics.median(r['latency']) * 1e3:.1f} ms; longest heartbeat gap "
                 f"{max(gaps.values(), default=0):.2f} s (liveness limit 5 s)")
         if slow and adapt:
-            line += f"; recovered {recovery(r['latency'], k)} images after the first slow one"
+            first = next((x for x in after if x >= k), None)
+            line += ("; no re-plan after the slowdown" if first is None else
+                     f"; re-planned after image k+{first - k} (image k is the first slow one; "
+                     f"k+{first - k + 1} runs the new plan); median latency from k+5 "
+                     f"{statistics.median(r['latency'][k + 5:]) * 1e3:.1f} ms, before k "
+                     f"{statistics.median(r['latency'][:k]) * 1e3:.1f} ms")
+        if slow and not adapt:
+            line += (f"; median latency from k+5 {statistics.median(r['latency'][k + 5:]) * 1e3:.1f}"
+                     f" ms (first plan kept)")
         if not adapt:  # every block of every image on the same plan: deadlines from its pace
             line += (f"; deadlines of 3x/5x/10x a block's last 5 waits would have declared "
                      f"{pace_deadlines(r['blocks'], 3)}/{pace_deadlines(r['blocks'], 5)}/"
@@ -514,6 +531,8 @@ def main() -> int:
     ap.add_argument("--after-max", type=int, default=20)
     ap.add_argument("--heal-images", type=int, default=120)
     ap.add_argument("--replan-images", type=int, default=300)
+    ap.add_argument("--straggler-input", default="3x160x160",
+                    help="input of the slowdown runs (large enough for every rank to work)")
     ap.add_argument("--wait", type=float, default=60.0, help="seconds to watch for the ends")
     ap.add_argument("--limit", type=float, default=240.0, help="seconds to wait for a stream")
     ap.add_argument("--seed", type=int, default=None)

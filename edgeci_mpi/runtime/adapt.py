@@ -12,9 +12,13 @@ busy shared machine single images are often twice as slow for no lasting reason 
 
 1. **a large change**: pace more than ``THRESHOLD`` times the usual one (or less than
    ``1 / THRESHOLD``), worth more than ``MIN_SHARE`` of the image's latency;
-2. **sustained**: the same direction on ``SUSTAIN`` consecutive images (``SUSTAIN_BIG`` for
-   a change of ``BIG`` times or more) - a single slow image is noise, and any image back inside
-   the band clears it;
+2. **sustained**: the same direction on ``SUSTAIN`` consecutive images (``SUSTAIN_BIG`` if
+   each was ``BIG`` times slower or more, ``SUSTAIN_UP`` for a speed-up: a device that is
+   faster again is mostly one that was slowed by passing load, and a plan that is merely not
+   the best can wait; a stalled one cannot) - a single slow image is noise, and any image
+   back inside the band clears it.  The factor believed is the least extreme of those images: on a
+   shared machine a device descheduled for 100 ms looks 100x slower on a small tile, which one
+   image may show but not every image in a row;
 3. **worth it**: the strategy plans again on the cluster with that device's compute
    ``factor`` times slower (FLOP rate and per-call overhead alike), and the new plan is used
    only if it is predicted at least ``MIN_GAIN`` faster than the current plan on the same
@@ -34,6 +38,7 @@ recovers within two images of the one that revealed it (``jobs/bench_straggler.p
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -49,9 +54,10 @@ HISTORY = 5       # recent images per device that define its usual pace
 MIN_HISTORY = 3   # ... and how many it takes before a change can be noticed
 MIN_SHARE = 0.05  # ignore changes worth less than 5 % of the image's latency
 SUSTAIN = 3       # consecutive images showing the same change before it counts
-BIG, SUSTAIN_BIG = 3.5, 2  # ... a change of 3.5x or more: two images
+BIG, SUSTAIN_BIG = 3.5, 2  # ... a slowdown of 3.5x or more: two images
+SUSTAIN_UP = 6    # ... a speed-up: six (a plan that is merely not the best can wait)
 MIN_GAIN = 0.10   # re-plan only for a plan predicted at least 10 % faster
-PENALTY_HALF_LIFE = 30.0   # images; each re-plan a device takes part in adds 1
+PENALTY_HALF_LIFE = 60.0   # images; each re-plan a device takes part in adds 1
 
 
 @dataclass
@@ -115,8 +121,10 @@ class Adapter:
                 if pending and (pending[-1] > 1) != (factor > 1):
                     pending.clear()  # the other way round: starts again
                 pending.append(factor)
-                if len(pending) >= self.needed(d, factor):
-                    changes.append(Change(d, statistics.median(pending), extra))
+                # the least extreme image of the run: a stall inflates one, not all of them
+                least = min(pending, key=lambda f: abs(math.log(f)))
+                if len(pending) >= self.needed(d, least):
+                    changes.append(Change(d, least, extra))
             else:
                 pending.clear()
                 hist.append(pace)
@@ -124,8 +132,8 @@ class Adapter:
 
     def needed(self, device: int, factor: float) -> int:
         """Consecutive images a change of ``factor`` must last on ``device``."""
-        base = SUSTAIN_BIG if factor >= BIG or factor <= 1 / BIG else SUSTAIN
-        return base * 2 ** min(5, int(self.penalty[device]))
+        base = SUSTAIN_UP if factor < 1 else SUSTAIN_BIG if factor >= BIG else SUSTAIN
+        return base * 2 ** min(5, round(self.penalty[device]))
 
     def decide(self, plan: Plan, changes: list[Change],
                replan: Callable[[Cluster], Plan]) -> Decision:
@@ -145,7 +153,6 @@ class Adapter:
         decision = Decision(changes, None, time.perf_counter() - t0,
                             simulate(plan, self.cluster).simulated_s,
                             simulate(new, self.cluster).simulated_s)
-        _log(self.images, decision)
         if decision.new_s <= (1 - MIN_GAIN) * decision.old_s:
             decision.plan = new  # made on the belief: paces are against it from now on
             self.pending.clear()
@@ -155,6 +162,7 @@ class Adapter:
         else:
             for c in changes:  # the kept plan's predictions are on the old speeds
                 self.scale[c.device] *= c.factor
+        _log(self.images, decision)
         return decision
 
     def step(self, plan: Plan, tile_s: dict[tuple[int, int], float], image_s: float,

@@ -282,12 +282,13 @@ class Liveness(threading.Thread):
             self._forced = True
             if self.stop_signal:
                 self.forced_end(None if self.rank else
-                                f"edgeci-mpi: stopped by signal {self.stop_signal}",
+                                f"edgeci-mpi: stopped by {Stopped(self.stop_signal).name}",
                                 stop_code(self.stop_signal), False)
-            else:
-                err = self.describe("the end of a blocking MPI call")
+            else:  # abort through MPI where that can still reach anyone (as run_guarded does)
+                err = self.describe("a blocking MPI call or a long computation to return")
+                abort = not err.orphaned and (self.rank == 0 or 0 not in err.ranks)
                 self.forced_end(error_line(self.rank, self.hosts[self.rank], str(err)),
-                                EXIT_ABORT, not err.orphaned)
+                                EXIT_ABORT, abort)
 
     def _goodbye(self) -> None:
         """Tell the peers this rank is done, so its silence from now on is no loss."""
