@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .channelsync import classify_vector
 from .fxtrace import UntileableOp, getattr_path, where
 from .geometry import Resample, Window
 from .opkinds import (AVG_POOL_FUNCTIONS, CHANNEL_MODULES, CONV_FUNCTIONS, ELEMENTWISE_FUNCTIONS,
@@ -25,7 +26,8 @@ from .opkinds import (AVG_POOL_FUNCTIONS, CHANNEL_MODULES, CONV_FUNCTIONS, ELEME
                       GLOBAL_FUNCTIONS, GLOBAL_METHODS, GLOBAL_MODULES, INTERP_MODES,
                       INTERPOLATE_FUNCTIONS, MAX_POOL_FUNCTIONS, OTHER_PAD_MODULES, PAD_MODULES,
                       REDUCTION_FUNCTIONS, REDUCTIONS, RESHAPE_FUNCTIONS, RESHAPE_METHODS,
-                      SPLIT_FUNCTIONS, ConvCall, NodeKind, arg, conv_windows, data_inputs,
+                      SPLIT_FUNCTIONS, VECTOR_KINDS, ConvCall, NodeKind, arg, conv_windows,
+                      data_inputs,
                       dims_of, hw_of, is_tuple, pair, pool_windows, resample_matches_torch,
                       reshape_axes, shape_of)
 
@@ -50,6 +52,8 @@ class Classifier:
         if node.op == "output":
             return GLOBAL
         ins = data_inputs(node)
+        if any(a in self.kinds and self.kinds[a].kind in VECTOR_KINDS for a in ins):
+            return classify_vector(node, ins, self.kinds, self.axes_of)  # channel attention
         if not ins or any(self.axes_of(a) is None for a in ins):
             return GLOBAL  # mixes in a value that is not a map (a squeeze-excitation scale)
         if shape_of(node) is None:

@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"edgeci-mpi: error: {e}", file=sys.stderr)
             return 2
     if args.command == "run":
+        from .runtime.mpistart import start_mpi
+
+        start_mpi()  # before torch: a rank that never gets to MPI_Init must not hang the rest
         from .runtime.app import run_main
 
         return run_main(args)

@@ -34,6 +34,7 @@ import numpy as np
 from .flows import BlockFlow, Piece, Transfer, contains, meet, plan_flows
 from .geometry import Interval
 from .plan import Block, Plan
+from .synccost import block_ends
 from .units import BlockGeom
 
 #: ``Cluster.network``: one medium for every transfer, or a full-duplex link per device.
@@ -258,7 +259,8 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
              outputs: Sequence[Move] = (), collect: Sequence[Move] = (), *, star: bool,
              slice_bytes: float = 0.0, collect_bytes: float = 0.0, stitch_bytes: float = 0.0,
              assemble: Sequence[float] | None = None,
-             ends: dict[int, float] | None = None) -> Timeline:
+             ends: dict[int, float] | None = None,
+             syncs: Sequence[Sequence[float]] = ()) -> Timeline:
     """The one timing model of a block (planners, simulator and emulation all call it, through
     :func:`schedule` and :func:`schedule_flow`).
 
@@ -275,6 +277,10 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
        tile's input buffer); ``ends`` replaces modelled ends by measured ones (emulation);
     5. the outputs, in the order their tiles finish (the star: on rank 0's receiving side,
        after the scatter on a shared medium), then rank 0 stitches ``stitch_bytes``.
+
+    With ``syncs`` (``Block.syncs``: squeeze-excitation pools inside the block) step 4 runs in
+    segments that every device finishes before a small message round
+    (``synccost.synced_ends``).
 
     A block is done when every tile is computed and every output has arrived."""
     devs = cluster.devices
@@ -312,6 +318,7 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
             for k in m.deps:
                 need[k] = max(need[k], moves_in[-1])
     arrive, end = [], []
+    free_before = dict(free)
     for k, (d, work) in enumerate(tiles):
         a = need[k]
         f = free.get(d, 0.0)
@@ -326,6 +333,9 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
             a + devs[d].compute_time(work) * slow[d]
         free[d] = e
         end.append(e)
+    if syncs and ends is None:  # squeeze-excitation pools: every device meets at each
+        end = block_ends(cluster, tiles, need, start if star else 0.0, slow, assemble,
+                         free_before, syncs) or end
     finish = max(end, default=start)
     moves_out = [0.0] * len(outputs)
     ready = [end[m.deps[0]] if len(m.deps) == 1 else max((end[k] for k in m.deps), default=0.0)
@@ -362,7 +372,7 @@ def whole_on_coordinator(cluster: Cluster, items: list[Item]) -> bool:
 
 
 def schedule(cluster: Cluster, items: list[Item], whole: bool | None = None,
-             ends: dict[int, float] | None = None) -> Timeline:
+             ends: dict[int, float] | None = None, syncs: Sequence = ()) -> Timeline:
     """A block in the star (:func:`timeline`): the coordinator slices every remote tile's
     input region out of its map, its link carries every scatter in the order given and every
     gather in the order the tiles finish (on a switched network its sending and receiving
@@ -376,13 +386,14 @@ def schedule(cluster: Cluster, items: list[Item], whole: bool | None = None,
     outputs = [Move(d, 0, out_b, (k,)) for k, (d, _, _, out_b) in enumerate(items) if d != 0]
     return timeline(cluster, [(d, w) for d, w, _, _ in items], inputs, outputs, star=True,
                     slice_bytes=0.0 if whole else sum(m.nbytes for m in inputs),
-                    stitch_bytes=0.0 if whole else sum(it[3] for it in items), ends=ends)
+                    stitch_bytes=0.0 if whole else sum(it[3] for it in items), ends=ends,
+                    syncs=syncs)
 
 
-def schedule_time(cluster: Cluster, items: list[Item]) -> float:
+def schedule_time(cluster: Cluster, items: list[Item], syncs: Sequence = ()) -> float:
     """Time of one block whose tiles ``(device, work, in_bytes, out_bytes)`` run in a star
-    (:func:`schedule`); planners use it to price whole blocks."""
-    return schedule(cluster, items).finish
+    (:func:`schedule`); planners use it to price whole blocks (``syncs``: ``Block.syncs``)."""
+    return schedule(cluster, items, syncs=syncs).finish
 
 
 def flow_moves(block: Block, flow: BlockFlow, bytes_per_element: int
@@ -446,11 +457,11 @@ def schedule_flow(cluster: Cluster, block: Block, flow: BlockFlow, bytes_per_ele
                         stitch_bytes=0.0 if single else
                         sum(co * t.out_hw[0] * t.out_hw[1] * bytes_per_element
                             for t in block.tiles),
-                        ends=ends)
+                        ends=ends, syncs=block.syncs)
     last = len(flow.held) > len(block.tiles)  # rank 0 assembles the map the head needs
     stitch = co * oh * ow * bytes_per_element if last and not single else 0.0
     return timeline(cluster, tiles, inputs, outputs, star=False, assemble=assemble,
-                    stitch_bytes=stitch, ends=ends)
+                    stitch_bytes=stitch, ends=ends, syncs=block.syncs)
 
 
 def plan_timelines(plan: Plan, cluster: Cluster) -> list[Timeline]:

@@ -26,10 +26,13 @@ import torch.nn.functional as F
 
 from .geometry import Interval, Resample, border_pads, clamp, window_input
 from .graph import ModelGraph
-from .opkinds import NodeKind, data_inputs, is_tuple, tensor_metas
+from .opkinds import VECTOR_KINDS, NodeKind, data_inputs, is_tuple, tensor_metas
+from .reduction import drive, finish_reduction, partial_sum
+from .syncs import Rect, SyncCoverageError, SyncPoint, ownership
 from .units import BlockGeom
 
 NCHW = (2, 3)
+TIMING = ()  # BlockRunner.steps: reduce what the tile computed, for timings only
 
 
 class BlockRunner:
@@ -60,9 +63,43 @@ class BlockRunner:
     def input_region(self, rows: Interval, cols: Interval) -> tuple[Interval, Interval]:
         return self.geom.input_region(rows, cols)
 
+    @property
+    def syncs(self) -> tuple[SyncPoint, ...]:
+        """Where this block's tiles meet (``syncs.py``); empty for most blocks."""
+        found = self.geom.syncs
+        if found is None:
+            raise SyncCoverageError(f"block {self.start}-{self.stop - 1}: its tiles cannot own "
+                                    "the whole map at one of its reductions")
+        return found
+
     @torch.no_grad()
-    def run(self, x: torch.Tensor, rows: Interval, cols: Interval) -> torch.Tensor:
-        """Output tile ``rows x cols`` from ``x``, which holds exactly ``input_region(rows, cols)``."""
+    def run(self, x: torch.Tensor, rows: Interval, cols: Interval,
+            timing: bool = False) -> torch.Tensor:
+        """Output tile ``rows x cols`` from ``x``, which holds exactly ``input_region(rows, cols)``.
+
+        A block with reductions (``syncs``) needs every pixel of each map it reduces: a tile
+        of the whole output has them (``syncs`` guarantees it); a smaller tile must meet the
+        block's other tiles (:meth:`steps` with ``reduction.drive``, as the executors do) and
+        is refused here with ``SyncCoverageError`` - unless ``timing``: then it reduces what
+        it computed, the same work with values of no use (capability timings)."""
+        gen = self.steps(x, rows, cols, TIMING if timing else None)
+        value = None
+        while True:
+            try:
+                value = next(gen) if value is None else gen.send(value.value)
+            except StopIteration as done:
+                return done.value
+
+    def steps(self, x: torch.Tensor, rows: Interval, cols: Interval,
+              owned: list[list[Rect]] | None):
+        """:meth:`run` as a generator: at each reduction it yields this tile's ``Partial``
+        (over ``owned[k]``, the rectangles of the map this tile owns at sync ``k``; None: the
+        whole map, which this tile must hold; ``TIMING``: whatever it computed) and takes the
+        total back from ``send``; returns the output tile."""
+        with torch.no_grad():
+            return (yield from self._steps(x, rows, cols, owned))
+
+    def _steps(self, x, rows, cols, owned):
         in_c, in_h, in_w = self.geom.in_chw
         in_r, rn = self.geom.need(0, rows)
         in_c_iv, cn = self.geom.need(1, cols)
@@ -75,12 +112,27 @@ class BlockRunner:
         if self.mutates_input:  # an in-place op must not write into the caller's map
             x = x.clone()
             env[self.input_node] = (x, in_r, in_c_iv)
+        k = 0
         for i, node in enumerate(self.nodes):
             r, c = rn[i], cn[i]
             op = self.geom.ops[i]
             sizes[node] = op.out_hw
             kind = self.mg.kinds[node]
-            if r[1] <= r[0] or c[1] <= c[0]:  # nobody needs this op here (windows in padding)
+            if kind.kind == "reduce":
+                src = self.inputs[node][0]
+                if owned is None and env[src][1:] != ((0, sizes[src][0]), (0, sizes[src][1])):
+                    raise SyncCoverageError(
+                        f"a tile {rows}x{cols} of block {self.start}-{self.stop - 1} holds only "
+                        f"part of the map its op {node.name} reduces: the block's tiles must "
+                        "meet there (BlockRunner.steps with reduction.drive)")
+                part = partial_sum(*env[src], self.axes[src], kind.op,
+                                   None if owned is None or owned is TIMING else owned[k])
+                total = yield part
+                y = finish_reduction(total, kind.op, sizes[src], node, env[src][0].dtype)
+                k += 1
+            elif kind.kind == "vector":
+                y = self._vector(node, env)
+            elif r[1] <= r[0] or c[1] <= c[0]:  # nobody needs this op here (windows in padding)
                 y = _empty(node, kind.axes, x, r, c)
             elif kind.kind == "identity":  # adaptive pool to its own size
                 y = self._fetch(self.inputs[node][0], env, r, c)
@@ -98,8 +150,24 @@ class BlockRunner:
                     env.pop(a, None)
         return env[self.nodes[-1]][0]
 
+    def _vector(self, node: fx.Node, env) -> Any:
+        """An op on a reduction's result: the whole vector, as the model runs it."""
+        args = fx.node.map_arg(node.args, lambda a: self._value(a, env))
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: self._value(a, env))
+        if node.op == "call_module":
+            return self.modules[node](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+
+    def _value(self, a: fx.Node, env) -> Any:
+        return _getattr(self.mg.gm, a.target) if a.op == "get_attr" else env[a][0]
+
     def _fetch(self, a: fx.Node, env, r: Interval, c: Interval) -> Any:
-        """The part ``r x c`` of node ``a``'s value, cut along its own spatial axes."""
+        """The part ``r x c`` of node ``a``'s value, cut along its own spatial axes (a
+        reduction's per-channel vector whole)."""
+        if self.axes[a] is None and self.mg.kinds[a].kind in VECTOR_KINDS:
+            return env[a][0]
         return _crop(*env[a], r, c, self.axes[a])
 
     def _elementwise(self, node, kind: NodeKind, env, hw, r: Interval, c: Interval) -> Any:
@@ -323,9 +391,14 @@ class Executor:
             run = self.runner(block.start, block.stop)
             c, h, w = block.out_chw
             out = x.new_empty(x.shape[0], c, h, w)
-            for tile in block.tiles:
-                (r0, r1), (c0, c1) = tile.in_rows, tile.in_cols
-                y = run.run(x[:, :, r0:r1, c0:c1], tile.out_rows, tile.out_cols)
-                out[:, :, tile.out_rows[0]:tile.out_rows[1], tile.out_cols[0]:tile.out_cols[1]] = y
+            rects = [(t.out_rows, t.out_cols) for t in block.tiles]
+            owned = ownership(run.geom, rects, run.syncs) if run.syncs else None
+            gens = [run.steps(x[:, :, t.in_rows[0]:t.in_rows[1], t.in_cols[0]:t.in_cols[1]],
+                              t.out_rows, t.out_cols,
+                              None if owned is None else [o[ti] for o in owned])
+                    for ti, t in enumerate(block.tiles)]
+            devices = [t.device for t in block.tiles]
+            for t, y in zip(block.tiles, drive(gens, lambda k, p: p.value, devices=devices)):
+                out[:, :, t.out_rows[0]:t.out_rows[1], t.out_cols[0]:t.out_cols[1]] = y
             x = out
         return self.mg.head(x)

@@ -148,6 +148,8 @@ class _ValueTracer(fx.Tracer):
     def _evaluate(self, node: fx.Node) -> Any:
         args = fx.node.map_arg(node.args, self.values.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, self.values.__getitem__)
+        if _touches_meta(node, args, kwargs, self.root):  # a part this rank did not build
+            args, kwargs = _to_meta(args), _to_meta(kwargs)
         self._evaluating = True
         try:
             if node.op == "call_function":
@@ -171,6 +173,25 @@ class _ValueTracer(fx.Tracer):
         if isinstance(value, (tuple, list)):
             return iter([obj[i] for i in range(len(value))])
         return super().iter(obj)
+
+
+def _touches_meta(node: fx.Node, args, kwargs, root: nn.Module) -> bool:
+    """Whether ``node`` reads a tensor on the ``meta`` device (a weight this rank left
+    unbuilt, ``partbuild``): it is then computed on ``meta`` too, for its shape only - a
+    kernel given one meta and one real operand may return garbage rather than raise."""
+    found = []
+    fx.node.map_aggregate((args, kwargs), lambda a: found.append(
+        isinstance(a, torch.Tensor) and a.is_meta))
+    if any(found):
+        return True
+    if node.op == "call_module":
+        m = root.get_submodule(node.target)
+        return any(t.is_meta for t in (*m.parameters(), *m.buffers()))
+    return False
+
+
+def _to_meta(a: Any) -> Any:
+    return fx.node.map_aggregate(a, lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v)
 
 
 def _tensor_meta(value: Any) -> Any:

@@ -144,6 +144,11 @@ def _taps(r: Resample, o: int) -> tuple[int, int, float, float]:
 
 AxisMap = Window | Resample  # how one op maps output positions to input positions on one axis
 
+#: Op kinds with no rows or columns: a reduction of a map over its rows and columns (a
+#: squeeze-excitation's pool, ``syncs.py``) and the ops on its result (the excitation MLP).
+#: They need no region of any input; the devices of a block meet at each reduction instead.
+VECTOR_KINDS = ("reduce", "vector")
+
 
 def axis_input(out: Interval, w: AxisMap) -> Interval:
     """Unclamped input interval of output positions ``out`` through a window or a resample."""
@@ -194,7 +199,8 @@ class OpGeom:
     windows: tuple[AxisMap, AxisMap] | None = None
     flops_per_pixel: float = 0.0
     kind: str = ""  # "conv", "maxpool", "avgpool", "pad", "slice", "upsample", "elementwise",
-    #                 "identity" (informative)
+    #                 "identity" (informative); "reduce" / "vector" (VECTOR_KINDS) have no map
+    channels: int = 0  # "reduce": the channels of its result (what a sync message carries)
 
 
 def need_intervals(ops: tuple[OpGeom, ...], in_size: int, axis: int,
@@ -203,7 +209,9 @@ def need_intervals(ops: tuple[OpGeom, ...], in_size: int, axis: int,
 
     Returns ``(input_interval, per_op_intervals)``: the clamped block-input interval a tile
     with output interval ``out`` needs, and the clamped interval each op computes.  Ops whose
-    output nobody needs get an empty interval.
+    output nobody needs get an empty interval, and so do reductions and the ops on their
+    results (``VECTOR_KINDS``): they read no region, and a map they read is needed only as
+    far as its other consumers need it (``syncs.py`` makes the block's tiles meet there).
     """
     n = len(ops)
     need: list[Interval | None] = [None] * n
@@ -215,7 +223,12 @@ def need_intervals(ops: tuple[OpGeom, ...], in_size: int, axis: int,
             need[i] = (0, 0)
             continue
         op = ops[i]
+        if op.kind in VECTOR_KINDS:
+            need[i] = (0, 0)
+            continue
         for src in op.inputs:
+            if src >= 0 and ops[src].kind in VECTOR_KINDS:
+                continue  # a per-channel vector, passed whole
             size = in_size if src < 0 else ops[src].out_hw[axis]
             want = clamp(axis_input(mine, op.windows[axis]) if op.windows else mine, size)
             if src < 0:

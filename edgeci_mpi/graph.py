@@ -25,11 +25,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .channelsync import feeds_only_scales, reduction_of, vector_work
 from .classify import Classifier, classify  # noqa: F401  (re-exported)
 from .fxtrace import InputShapeError, UntileableOp, getattr_path, module_path, trace_values
 from .geometry import OpGeom
-from .opkinds import NodeKind, data_inputs, hw_of, is_tuple, pair, shape_of, tensor_metas
-from .units import ModelSpec, UnitSpec
+from .opkinds import (VECTOR_KINDS, NodeKind, data_inputs, hw_of, is_tuple, pair, shape_of,
+                      tensor_metas)
+from .units import ChainGeom, ModelSpec, UnitSpec
 
 __all__ = ["InputShapeError", "ModelGraph", "NodeKind", "UntileableOp", "classify",
            "data_inputs", "trace"]
@@ -132,17 +134,56 @@ def trace(model: nn.Module, input_chw: tuple[int, int, int], name: str = "model"
     nodes = [n for n in gm.graph.nodes if n.op != "get_attr"]
     index = {n: i for i, n in enumerate(nodes)}
 
-    # Classify until the first global op; unknown ops before it are errors.
+    refused: set[fx.Node] = set()
+    while True:  # a reduction whose unit cannot own its map is retried as a global op
+        kinds, first_global = _classify_nodes(gm, nodes, refused)
+        groups, inputs = _group_units(nodes, index, kinds, first_global)
+        units_list = _named_units(groups, inputs, kinds, gm)
+        bad = _uncovered_reductions(units_list, groups)
+        if not bad:
+            break
+        refused |= bad
+    units = tuple(units_list)
+    end = groups[-1][-1] if groups else placeholders[0]
+    head = _head_module(gm, end)
+    head_flops, head_out = _head_cost(gm, end)
+    spec = ModelSpec(name=name, input_chw=tuple(input_chw), units=units,  # type: ignore[arg-type]
+                     head_flops=head_flops, head_out=head_out,
+                     head_weight_bytes=_weight_bytes(list(head.graph.nodes), head))
+    return ModelGraph(spec, gm, groups, inputs, kinds, head)
+
+
+def _classify_nodes(gm: fx.GraphModule, nodes: list[fx.Node], refused: set[fx.Node]
+                    ) -> tuple[dict[fx.Node, NodeKind], int]:
+    """Kinds of the nodes before the first global op (unknown ops before it are errors); a
+    reduction that only scales maps (``channelsync``) is not global unless ``refused``."""
     classifier = Classifier(gm)
     kinds = classifier.kinds
-    first_global = len(nodes) - 1
     for i, n in enumerate(nodes[1:], start=1):
         k = classifier.classify(n)
+        if k.kind == "global" and n not in refused:
+            how = reduction_of(n, classifier.axes_of, gm)
+            if how is not None and feeds_only_scales(n, nodes[i + 1:]):
+                k = NodeKind("reduce", op=how)
         if k.kind == "global":
-            first_global = i
-            break
+            return kinds, i
         kinds[n] = k
+    return kinds, len(nodes) - 1
 
+
+def _uncovered_reductions(units: list[UnitSpec], groups: list[list[fx.Node]]) -> set[fx.Node]:
+    """Reductions in units whose tiles could not own the whole reduced map (``syncs``)."""
+    chain = ChainGeom(tuple(units))
+    bad = set()
+    for u, (unit, members) in enumerate(zip(units, groups)):
+        if any(op.kind == "reduce" for op in unit.ops) and chain.syncs(u, u + 1) is None:
+            bad |= {m for m, op in zip(members, unit.ops) if op.kind == "reduce"}
+    return bad
+
+
+def _group_units(nodes: list[fx.Node], index: dict, kinds: dict, first_global: int
+                 ) -> tuple[list[list[fx.Node]], list[fx.Node]]:
+    """Cut the classified nodes into units: their members and their input nodes."""
     # Cuts: N x C x H x W nodes no data edge jumps over (difference array over edge spans).
     cover = [0] * (len(nodes) + 1)
     for w in nodes:
@@ -168,6 +209,11 @@ def trace(model: nn.Module, input_chw: tuple[int, int, int], name: str = "model"
             groups.append(list(members))
             inputs.append(nodes[a])
 
+    return groups, inputs
+
+
+def _named_units(groups: list[list[fx.Node]], inputs: list[fx.Node], kinds, gm
+                 ) -> list[UnitSpec]:
     units_list: list[UnitSpec] = []
     for g, inp in zip(groups, inputs):
         u = _unit_spec(g, inp, kinds, gm)
@@ -177,13 +223,7 @@ def trace(model: nn.Module, input_chw: tuple[int, int, int], name: str = "model"
         if any(v.name == u.name for v in units_list):
             u = replace(u, name=f"{u.name}#{len(units_list)}")
         units_list.append(u)
-    units = tuple(units_list)
-    end = groups[-1][-1] if groups else placeholders[0]
-    head = _head_module(gm, end)
-    head_flops, head_out = _head_cost(gm, end)
-    spec = ModelSpec(name=name, input_chw=tuple(input_chw), units=units,  # type: ignore[arg-type]
-                     head_flops=head_flops, head_out=head_out)
-    return ModelGraph(spec, gm, groups, inputs, kinds, head)
+    return units_list
 
 
 def _chw(node: fx.Node) -> tuple[int, int, int]:
@@ -197,6 +237,9 @@ def _unit_spec(members: list[fx.Node], inp: fx.Node, kinds, gm) -> UnitSpec:
     for n in members:
         ins = tuple(-1 if a is inp else local[a] for a in data_inputs(n))
         k = kinds[n]
+        if k.kind in VECTOR_KINDS:
+            ops.append(_vector_geom(n, ins, k, gm))
+            continue
         ops.append(OpGeom(ins, hw_of(n, k.axes), k.windows, _flops_per_pixel(n, k, gm), k.kind))
     # Named after the modules it runs, functional ops included by the module whose forward
     # calls them (a ConvNeXt block's layer scale and residual add are in ``features.1.0``).
@@ -205,6 +248,16 @@ def _unit_spec(members: list[fx.Node], inp: fx.Node, kinds, gm) -> UnitSpec:
     everywhere = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     name = _unit_name(paths, everywhere) or members[0].name
     return UnitSpec(name, tuple(ops), _chw(inp), _chw(members[-1]), _weight_bytes(members, gm))
+
+
+def _vector_geom(n: fx.Node, ins: tuple[int, ...], k: NodeKind, gm) -> OpGeom:
+    """A reduction or an op on its result: no map (``out_hw`` 1 x 1, its whole work as the
+    work of that one position); a reduction records its channels (the sync's message)."""
+    if k.kind == "vector":
+        return OpGeom(ins, (1, 1), None, vector_work(n, gm, ELEMENTWISE_WORK), k.kind)
+    s = shape_of(data_inputs(n)[0])
+    return OpGeom(ins, (1, 1), None, ELEMENTWISE_WORK * math.prod(s), k.kind,
+                  channels=math.prod(shape_of(n)))
 
 
 def _unit_name(paths: list[str], everywhere: set[str] = frozenset()) -> str:  # type: ignore[assignment]

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .geometry import Resample, Window
+from .geometry import VECTOR_KINDS, Resample, Window  # noqa: F401  (VECTOR_KINDS re-exported)
 
 ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -105,7 +105,9 @@ class NodeKind:
     """What geometry and the executor must do with one node.
 
     ``kind``: "conv" | "maxpool" | "avgpool" | "pad" | "slice" | "upsample" | "elementwise" |
-    "identity" | "global".  ``axes``: where the rows and columns are in the node's output (in
+    "identity" | "global", or "reduce" (a reduction over the map's rows and columns whose result
+    only scales maps: ``op`` is "mean", "sum" or "max") and "vector" (an op on such a result),
+    which have no spatial axes (``channelsync.py``).  ``axes``: where the rows and columns are in the node's output (in
     each element, for a tuple).  ``op``: the module (or, for a functional call, an equivalent
     module or parameter set) a windowed op runs; a pad's padding; an index template.
     ``crop``: for element-wise ops, ``(rank, row_axis, col_axis)`` against which constant

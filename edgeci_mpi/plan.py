@@ -60,6 +60,9 @@ class Block:
     tiles: list[Tile]
     predicted_s: float = 0.0
     source: str = "star"    # where the tiles' inputs come from: "star" (rank 0) or "d2d"
+    #: where the tiles meet inside the block (squeeze-excitation pools, ``syncs.py``): per
+    #: sync, [share of the block's work done before it, bytes of one partial sum]
+    syncs: list[list[float]] = field(default_factory=list)
 
     @property
     def devices(self) -> list[int]:
@@ -80,6 +83,10 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     bytes_per_element: int = 4  # of the tensors that travel (float32)
     network: str = "shared"     # the network it was planned for (cost.NETWORKS)
+    #: the head's fully connected layers split by output rows (``headsplit``): per split
+    #: layer {"layer": index among the head's linears, "target": module, "in": features,
+    #: "out": features, "rows": [[device, first row, end row], ...]}; [] = all on rank 0
+    head_split: list[dict] = field(default_factory=list)
 
     # --- JSON -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -101,11 +108,13 @@ class Plan:
                      for t in b["tiles"]]
             blocks.append(Block(int(b["start"]), int(b["stop"]), b["name"], tuple(b["in_chw"]),
                                 tuple(b["out_chw"]), tiles, float(b["predicted_s"]),
-                                str(b.get("source", "star"))))
+                                str(b.get("source", "star")),
+                                [[float(f), float(n)] for f, n in b.get("syncs", [])]))
         return Plan(d["model"], tuple(d["input_chw"]), d["strategy"], d["cluster"],
                     list(d["devices"]), blocks, float(d["head_s"]), float(d["predicted_s"]),
                     float(d.get("planning_s", 0.0)), list(d.get("notes", [])),
-                    int(d.get("bytes_per_element", 4)), str(d.get("network", "shared")))
+                    int(d.get("bytes_per_element", 4)), str(d.get("network", "shared")),
+                    [dict(h) for h in d.get("head_split", [])])
 
     @staticmethod
     def from_json(text: str) -> "Plan":
@@ -138,6 +147,16 @@ class Plan:
                         covered[r][c] += 1
             if any(v != 1 for row in covered for v in row):
                 raise ValueError(f"block {b.name}: tiles do not cover the {h}x{w} output exactly once")
+        for h in self.head_split:  # each split head layer's rows, in order, exactly once
+            rows = [tuple(int(v) for v in r) for r in h["rows"]]
+            ends = [0] + [r1 for _, _, r1 in rows]
+            if [r0 for _, r0, _ in rows] != ends[:-1] or ends[-1] != int(h["out"]) or \
+                    any(r1 <= r0 for _, r0, r1 in rows):
+                raise ValueError(f"head layer {h['target']}: rows {rows} do not cover its "
+                                 f"{h['out']} outputs exactly once, in order")
+            if n_devices is not None and any(not 0 <= d < n_devices for d, _, _ in rows):
+                raise ValueError(f"head layer {h['target']}: rows on a device the cluster "
+                                 f"(of {n_devices}) does not have")
 
     def table(self) -> str:
         """A readable table: one line per block, then the totals."""
@@ -154,7 +173,9 @@ class Plan:
             name = b.name if len(b.name) <= 34 else b.name[:31] + "..."
             lines.append(f"{i:>3} {b.start:>3}-{b.stop - 1:<3}  {name:<34} {out:>13} "
                          f"{len(b.tiles):>5} {devs:<18} {b.source:<4} {b.predicted_s * 1e3:>8.2f}")
-        lines.append(f"    head on device 0{'':>61} {self.head_s * 1e3:>8.2f}")
+        where = "device 0" if not self.head_split else "devices " + ",".join(
+            map(str, sorted({r[0] for h in self.head_split for r in h["rows"]})))
+        lines.append(f"    head on {where:<69} {self.head_s * 1e3:>8.2f}")
         lines.append(f"predicted latency {self.predicted_s * 1e3:.2f} ms  "
                      f"(planned in {self.planning_s * 1e3:.0f} ms)")
         lines.extend(f"note: {n}" for n in self.notes)

@@ -43,6 +43,8 @@ _HYDRA_TRACE = re.compile(r"^\[(?:mpiexec|proxy:[\d:]+)@[^\]]*\] (?:\S+ \(\S+\.c
                           r"Sending Ctrl-C|Press Ctrl-C again)")
 _MPICH_TAIL = ("YOUR APPLICATION TERMINATED WITH THE EXIT STRING", "This typically refers to",
                "Please see the FAQ page")
+_MPICH_ABORT = re.compile(r"^Abort\(\d+\) on node \d+ \(rank \d+ in comm \d+\): "
+                          r"application called MPI_Abort")
 _OMPI_LOST = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal "
                         r"(\d+)")
 
@@ -97,8 +99,8 @@ class OutputFilter:
                 if self.hydra_said is None and "Ctrl-C" not in s:
                     self.hydra_said = s
                 return False
-            if s.startswith(_MPICH_TAIL):
-                return False
+            if s.startswith(_MPICH_TAIL) or (self.error_seen and _MPICH_ABORT.match(s)):
+                return False  # (MPICH's echo of the MPI_Abort after our own line)
             m = _OMPI_LOST.search(s)
             if m:
                 if self.lost is None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from .geometry import Interval, OpGeom, need_intervals
+from .syncs import SyncPoint, block_syncs, read_positions
 
 CHW = tuple[int, int, int]
 
@@ -68,6 +69,7 @@ class ModelSpec:
     head_out: tuple[int, ...] = ()
     bytes_per_element: int = 4
     notes: tuple[str, ...] = field(default=())
+    head_weight_bytes: int = 0   # the head's weights (memory per device, ``strategies.memory``)
 
     @property
     def spatial_out_chw(self) -> CHW:
@@ -93,6 +95,26 @@ class ChainGeom:
         self._fixed = [u.fixed_work for u in units]
         self._need: dict = {}
         self._flops: dict = {}
+        self._read: dict = {}
+        self._syncs: dict = {}
+
+    def read_sets(self, u: int, axis: int, out: frozenset) -> tuple[frozenset, list[frozenset]]:
+        """Exact positions unit ``u``'s input and ops must hold for positions ``out`` of its
+        output (``syncs.read_positions``), memoised: the coverage of reductions."""
+        key = (u, axis, out)
+        hit = self._read.get(key)
+        if hit is None:
+            unit = self.units[u]
+            hit = self._read[key] = read_positions(unit.ops, unit.in_chw[1 + axis], axis, out)
+        return hit
+
+    def syncs(self, start: int, stop: int) -> tuple[SyncPoint, ...] | None:
+        """The syncs of block ``[start, stop)``; None if its tiles could not own a whole map at
+        one of them (``syncs.block_syncs``)."""
+        key = (start, stop)
+        if key not in self._syncs:
+            self._syncs[key] = block_syncs(self, start, stop)
+        return self._syncs[key]
 
     def unit_need(self, u: int, axis: int, out: Interval) -> tuple[Interval, list[int]]:
         key = (u, axis, out)
@@ -137,7 +159,7 @@ def block_ops(units: tuple[UnitSpec, ...] | list[UnitSpec], start: int, stop: in
         base = len(out)
         for op in u.ops:
             ins = tuple(prev_last if i < 0 else base + i for i in op.inputs)
-            out.append(OpGeom(ins, op.out_hw, op.windows, op.flops_per_pixel, op.kind))
+            out.append(replace(op, inputs=ins))
         prev_last = len(out) - 1
     return tuple(out)
 
@@ -171,6 +193,11 @@ class BlockGeom:
         return BlockGeom(block_ops(model.units, start, stop), model.units[start].in_chw,
                          model.units[stop - 1].out_chw, model.chain, start, stop,
                          model.bytes_per_element)
+
+    @property
+    def syncs(self) -> tuple[SyncPoint, ...] | None:
+        """Where this block's tiles meet (``syncs.block_syncs``); None: they cannot."""
+        return self.chain.syncs(self.start, self.stop)
 
     def input_region(self, rows: Interval, cols: Interval) -> tuple[Interval, Interval]:
         return self.chain.tile_work(self.start, self.stop, rows, cols)[3:]

@@ -23,10 +23,12 @@ and the launcher end:
     .venv/bin/python jobs/bench_faults.py linkdown --trials 5
     .venv/bin/python jobs/bench_faults.py all
     .venv/bin/python jobs/bench_faults.py replans --repo /tmp/old-checkout   # before/after
+    .venv/bin/python jobs/bench_faults.py all --cases stop,heal --trials-small 1 --limit 600
 
 ``--repo DIR`` runs another checkout's ``edgeci_mpi`` on the ranks (the testbed is always this
 one's): the same harness before and after a change.  Each case prints one line per trial and a
-summary line; figures are noisy on a shared machine (repeat them).
+summary line; figures are noisy on a shared machine (repeat them).  A trial whose stream does not
+get going within ``--limit`` (a machine that busy) is reported as not measured and skipped.
 """
 from __future__ import annotations
 
@@ -263,6 +265,17 @@ def print_trial(k: int, r: dict) -> None:
         print(f"      {ln}", flush=True)
 
 
+def attempt(k: int, rows: list[dict], trial) -> bool:
+    """Append ``trial()``'s row; a trial whose stream never got going (a machine so busy that
+    the images did not come within ``--limit``) is said and left out, not the end of the run."""
+    try:
+        rows.append(trial())
+        return True
+    except RuntimeError as e:
+        print(f"  trial {k}: not measured: {str(e).splitlines()[0]}", flush=True)
+        return False
+
+
 def summary(name: str, rows: list[dict], key: str = "ranks_max_s") -> None:
     vals = [r[key] for r in rows]
     if None in vals or not vals:
@@ -277,8 +290,8 @@ def case_linkdown(a, rng) -> None:
     print(f"== link down: h{a.host}'s eth0, {a.trials} trials (--liveness default)", flush=True)
     rows = []
     for k in range(a.trials):
-        rows.append(fault_trial(a, rng, "linkdown", a.host, launch=a.launch))
-        print_trial(k, rows[-1])
+        if attempt(k, rows, lambda: fault_trial(a, rng, "linkdown", a.host, launch=a.launch)):
+            print_trial(k, rows[-1])
     summary(f"link down h{a.host}", rows)
 
 
@@ -289,38 +302,45 @@ def case_orphans(a, rng) -> None:
                                 ("linkdown", 0, False)):
         rows = []
         for k in range(a.trials_small):
-            rows.append(fault_trial(a, rng, fault, host, launch))
-            print_trial(k, rows[-1])
+            if attempt(k, rows, lambda: fault_trial(a, rng, fault, host, launch)):
+                print_trial(k, rows[-1])
         summary(f"{fault} (h{host}){' under launch' if launch else ''}", rows)
+
+
+def stop_trial(a, rng, fault: str, launch: bool) -> dict:
+    """A stream, then SIGTERM to ``launch`` or ``mpiexec``: when every rank ended, the lines,
+    whether the results file is intact."""
+    with tempfile.TemporaryDirectory(prefix="edgeci-stop-") as tmp:
+        job = start(a, Path(tmp), ["--images", "5000"], [] if launch else None)
+        try:
+            wait_images(job, rng.randint(a.after_min, a.after_max), a.limit)
+            ranks = job.ranks()
+            watched = {f"rank {r}": p for r, p in ranks.items()}
+            mp = job.named("mpiexec")
+            lp = job.launch_pid()
+            t = time.perf_counter()
+            inject(job, fault, 0, ranks, mp, lp)
+            ended = exits(watched, a.wait)
+            time.sleep(0.5)
+            imgs = job.images()
+            return {"fault": fault, "host": 0, "images": len(imgs),
+                    "ended": {k2: since(t, v) for k2, v in sorted(ended.items())},
+                    "ranks_max_s": None if None in ended.values() else
+                    max(v - t for v in ended.values()),
+                    "lines": [ln for _, ln in job.err if ln.startswith("edgeci-mpi:")],
+                    "intact": job.torn_lines() == 0 and len(set(imgs)) == len(imgs)}
+        finally:
+            stop_job(job)
 
 
 def case_stop(a, rng) -> None:
     print("== a user's stop: SIGTERM", flush=True)
     for fault, launch in (("sigterm-launch", True), ("sigterm-mpiexec", False)):
-        rows = []
+        rows: list[dict] = []
         for k in range(a.trials_small):
-            with tempfile.TemporaryDirectory(prefix="edgeci-stop-") as tmp:
-                job = start(a, Path(tmp), ["--images", "5000"], [] if launch else None)
-                try:
-                    wait_images(job, rng.randint(a.after_min, a.after_max), a.limit)
-                    ranks = job.ranks()
-                    watched = {f"rank {r}": p for r, p in ranks.items()}
-                    mp = job.named("mpiexec")
-                    lp = job.launch_pid()
-                    t = time.perf_counter()
-                    inject(job, fault, 0, ranks, mp, lp)
-                    ended = exits(watched, a.wait)
-                    time.sleep(0.5)
-                    imgs = job.images()
-                    r = {"fault": fault, "host": 0, "images": len(imgs),
-                         "ended": {k2: since(t, v) for k2, v in sorted(ended.items())},
-                         "ranks_max_s": None if None in ended.values() else
-                         max(v - t for v in ended.values()),
-                         "lines": [ln for _, ln in job.err if ln.startswith("edgeci-mpi:")],
-                         "intact": job.torn_lines() == 0 and len(set(imgs)) == len(imgs)}
-                finally:
-                    stop_job(job)
-            rows.append(r)
+            if not attempt(k, rows, lambda: stop_trial(a, rng, fault, launch)):
+                continue
+            r = rows[-1]
             print_trial(k, r)
             print(f"      results file: {r['images']} images, "
                   f"{'intact' if r['intact'] else 'TORN or duplicated'}", flush=True)
@@ -331,39 +351,55 @@ def case_heal(a, rng) -> None:
     print(f"== self-healing stream: launch --retry 2, h{a.host}'s link down mid-stream",
           flush=True)
     for k in range(a.trials_small):
-        with tempfile.TemporaryDirectory(prefix="edgeci-heal-") as tmp:
-            n = a.heal_images
-            job = start(a, Path(tmp), ["--images", str(n)], ["--retry", "2"])
+        try:
+            heal_trial(a, rng, k)
+        except RuntimeError as e:
+            print(f"  trial {k}: not measured: {str(e).splitlines()[0]}", flush=True)
+
+
+def heal_trial(a, rng, k: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="edgeci-heal-") as tmp:
+        n = a.heal_images
+        job = start(a, Path(tmp), ["--images", str(n)], ["--retry", "2"])
+        try:
+            wait_images(job, rng.randint(a.after_min, a.after_max), a.limit)
+            before = job.images()
+            t_fault = time.perf_counter()
+            subprocess.run(["ip", "-n", job.ns(a.host), "link", "set", "eth0", "down"],
+                           check=True)
+            t_note = t_resume = None
+            at_note = 0
+            while job.proc.poll() is None and time.perf_counter() - t_fault < a.limit:
+                if t_note is None:
+                    notes = [t for t, ln in job.err if "note: dropped" in ln]
+                    if notes:
+                        t_note, at_note = notes[0], len(job.images())
+                elif t_resume is None and len(job.images()) > at_note:
+                    t_resume = time.perf_counter()
+                time.sleep(0.05)
             try:
-                wait_images(job, rng.randint(a.after_min, a.after_max), a.limit)
-                before = job.images()
-                t_fault = time.perf_counter()
-                subprocess.run(["ip", "-n", job.ns(a.host), "link", "set", "eth0", "down"],
-                               check=True)
-                t_note = t_resume = None
-                at_note = 0
-                while job.proc.poll() is None and time.perf_counter() - t_fault < a.limit:
-                    if t_note is None:
-                        notes = [t for t, ln in job.err if "note: dropped" in ln]
-                        if notes:
-                            t_note, at_note = notes[0], len(job.images())
-                    elif t_resume is None and len(job.images()) > at_note:
-                        t_resume = time.perf_counter()
-                    time.sleep(0.05)
                 rc = job.proc.wait(timeout=60)
-                imgs = job.images()
-            finally:
-                stop_job(job)
-            lines = job.lines()
-            complete = sorted(imgs) == list(range(n))
-            print(f"  trial {k}: link down after {len(before)} images; job exit {rc} after "
-                  f"{time.perf_counter() - t_fault:.1f} s; {len(imgs)} image lines, "
-                  f"{len(set(imgs))} distinct, "
-                  f"{'every image exactly once' if complete else 'NOT every image once'}; "
-                  f"relaunched {since(t_fault, t_note)} s and the first new image landed "
-                  f"{since(t_fault, t_resume)} s after the fault", flush=True)
-            for ln in lines:
+            except subprocess.TimeoutExpired:
+                rc = None  # still running: said below, with what it printed
+            imgs = job.images()
+        finally:
+            stop_job(job)
+        if rc is None:
+            print(f"  trial {k}: the healed stream had not ended {a.limit + 60:.0f} s after the "
+                  f"fault ({len(job.images())} images); its last lines:", flush=True)
+            for _, ln in job.err[-12:]:
                 print(f"      {ln}", flush=True)
+            return
+        lines = job.lines()
+        complete = sorted(imgs) == list(range(n))
+        print(f"  trial {k}: link down after {len(before)} images; job exit {rc} after "
+              f"{time.perf_counter() - t_fault:.1f} s; {len(imgs)} image lines, "
+              f"{len(set(imgs))} distinct, "
+              f"{'every image exactly once' if complete else 'NOT every image once'}; "
+              f"relaunched {since(t_fault, t_note)} s and the first new image landed "
+              f"{since(t_fault, t_resume)} s after the fault", flush=True)
+        for ln in lines:
+            print(f"      {ln}", flush=True)
 
 
 def case_alive(a, rng) -> None:
@@ -520,6 +556,8 @@ CASES = {"linkdown": case_linkdown, "orphans": case_orphans, "stop": case_stop,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("case", choices=[*CASES, "all"])
+    ap.add_argument("--cases", type=lambda t: t.split(","), default=None,
+                    help="with 'all': only these cases, comma-separated (e.g. stop,heal)")
     ap.add_argument("--trials", type=int, default=5, help="link-down trials (default 5)")
     ap.add_argument("--trials-small", type=int, default=2, help="trials of the other faults")
     ap.add_argument("--host", type=int, default=2, help="whose link goes down (default h2)")
@@ -544,9 +582,14 @@ def main() -> int:
     rng = random.Random(a.seed)
     print(f"bench_faults: {a.case} with {a.repo}; load average {os.getloadavg()[0]:.1f}",
           flush=True)
-    for name in (CASES if a.case == "all" else [a.case]):
-        CASES[name](a, rng)
-    return 0
+    failed = []
+    for name in (CASES if a.case == "all" and not a.cases else a.cases or [a.case]):
+        try:
+            CASES[name](a, rng)
+        except RuntimeError as e:  # one case that could not run does not end the others
+            print(f"== {name}: not measured: {str(e).splitlines()[0]}", flush=True)
+            failed.append(name)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -40,12 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=5)
     p.add_argument("--timeout", type=float, default=900.0, help="per job (seconds)")
     p.add_argument("--out", default="results/bench_prediction")
+    p.add_argument("--reprofile", action="store_true", help="measure the capability reports afresh (no cache)")
     return p.parse_args(argv)
 
 
 def job_command(a: argparse.Namespace, model: str, chw: str, out: Path) -> list[str]:
     run = [sys.executable, "-m", "edgeci_mpi", "run", "--model", model, "--input", chw,
-           "--strategy", a.strategy, "--images", str(a.images), "--json", str(out)]
+           "--strategy", a.strategy, "--images", str(a.images), "--json", str(out), *(["--reprofile"] if a.reprofile else [])]
     if a.testbed:
         return [sys.executable, "-m", "edgeci_mpi.testbed", "run", *shlex.split(a.testbed),
                 "--", *run]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mbits", nargs="+", type=float, default=[50.0, 100.0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--images", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=None, help="untimed images per strategy "
+                   "(run's default if not given)")
     p.add_argument("--strategy", default="all")
     p.add_argument("--timeout", type=float, default=1200.0, help="per job (seconds)")
     p.add_argument("--out", default="results/paper_testbed")
@@ -59,16 +62,33 @@ def run_job(a: argparse.Namespace, model: str, preset: str, mbit: float, rep: in
     cmd = [sys.executable, "-m", "edgeci_mpi.testbed", "run", "--hosts", str(len(hosts.cpus)),
            "--cpus", cpus, "--mbit", f"{mbit:g}", "--", sys.executable, "-m", "edgeci_mpi",
            "run", "--model", model, "--input", a.input, "--strategy", a.strategy,
-           "--images", str(a.images), "--threads", "1", "--verify", "--json", str(rec)]
+           "--images", str(a.images), "--threads", "1", "--verify", "--json", str(rec),
+           *([] if a.warmup is None else ["--warmup", str(a.warmup)])]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, timeout=a.timeout, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out_text, err_text = proc.communicate(timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: the testbed then ends its job and removes its namespaces and CPU
+        # groups (a SIGKILL would leave the ranks computing in them)
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        print(f"  {model} {preset} {mbit:g} Mbit/s repeat {rep}: no result within "
+              f"{a.timeout:.0f} s (--timeout)", flush=True)
+        return None
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out_text, err_text)
     took = time.perf_counter() - t0
     if r.returncode != 0 or not rec.exists():
         print(f"  {model} {preset} {mbit:g} Mbit/s repeat {rep}: failed ({r.returncode}) "
               f"{r.stderr.strip()[-300:]}", flush=True)
         return None
-    print(f"  {model} {preset} {mbit:g} Mbit/s repeat {rep}: {took:.0f} s (cpus {cpus})",
-          flush=True)
+    print(f"  {model} {preset} {mbit:g} Mbit/s repeat {rep}: {took:.0f} s (cpus {cpus}; "
+          f"load average {os.getloadavg()[0]:.1f})", flush=True)
     return json.loads(rec.read_text())
 
 

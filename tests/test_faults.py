@@ -108,13 +108,17 @@ def fast_beats(monkeypatch):
     monkeypatch.delenv("EDGECI_LIVENESS_LOG", raising=False)
 
 
-def cluster_of_beats(n: int, limit: float = 0.6, forced=None):
+def cluster_of_beats(n: int, limit: float = 0.6, forced=None, setting_up=()):
+    """``n`` ranks beating on a :class:`FakeNet`, running images except those in
+    ``setting_up`` (still building: their beats say SETUP)."""
     net = FakeNet()
     hosts = [f"h{i}" for i in range(n)]
     lives = [LV.Liveness(net.comm(r), r, hosts, limit, forced or (lambda *a: None),
                          period_s=0.05) for r in range(n)]
-    for live in lives:
+    for r, live in enumerate(lives):
         live.ppid = None  # not started by a process manager here
+        if r not in setting_up:
+            live.setup_done()
         live.start()
     return net, lives
 
@@ -137,6 +141,43 @@ def test_live_peers_are_never_lost_and_a_cut_link_is_within_the_limit(fast_beats
         assert "while waiting for block 3 (layer2.0) tiles from ranks 1,2" in str(err)
         assert L.lost_ranks_in(f"edgeci-mpi: error on rank 0 (h0): {err}") == [2]
         assert str(lives[2].describe("the next command")).startswith("lost rank 0 (h0)")
+    finally:
+        for live in lives:
+            live.halt()
+
+
+def test_a_peer_still_setting_up_has_the_longer_limit(fast_beats, monkeypatch):
+    # a rank building a model may hold the GIL for seconds (its beats stop): while its last
+    # beat said SETUP it is lost only after SETUP_LIVENESS_S, not the --liveness limit
+    monkeypatch.setattr(LV, "SETUP_LIVENESS_S", 2.0)
+    net, lives = cluster_of_beats(2, limit=0.3, setting_up=(1,))
+    try:
+        assert eventually(lambda: lives[0].beats_in[1] > 2)
+        assert lives[0].peer_setup == {1: True} and lives[1].peer_setup == {0: False}
+        net.cut(0, 1)
+        t_cut = time.monotonic()
+        assert eventually(lambda: lives[1].lost is not None)  # rank 0 runs images: 0.3 s
+        assert lives[1].lost[:2] == ("silent", (0,))
+        assert eventually(lambda: lives[0].lost is not None)
+        assert time.monotonic() - t_cut >= 1.9  # not at 0.3 s: rank 1 was still building
+        msg = str(lives[0].describe("every rank to build the model"))
+        assert msg.startswith("lost rank 1 (h1): silent for ") and \
+            "still setting up: limit 2 s" in msg, msg
+    finally:
+        for live in lives:
+            live.halt()
+
+
+def test_a_peer_done_setting_up_has_the_liveness_limit_again(fast_beats, monkeypatch):
+    monkeypatch.setattr(LV, "SETUP_LIVENESS_S", 30.0)
+    net, lives = cluster_of_beats(2, limit=0.3, setting_up=(1,))
+    try:
+        assert eventually(lambda: lives[0].peer_setup[1])
+        lives[1].setup_done()
+        assert eventually(lambda: not lives[0].peer_setup[1])  # its next beat says so
+        net.cut(0, 1)
+        assert eventually(lambda: lives[0].lost is not None, limit=5.0)
+        assert "--liveness 0.3" in str(lives[0].describe("x"))
     finally:
         for live in lives:
             live.halt()
@@ -426,6 +467,15 @@ def test_filter_holds_back_hydras_trace_and_ctrl_c_chatter():
                  "[mpiexec@vm] Press Ctrl-C again to force abort"]:
         assert not f.line(line + "\n"), line
     assert f.line("strategy edgeci: latency 12.00 ms\n")
+
+
+def test_filter_holds_back_mpichs_echo_of_our_abort():
+    f = L.OutputFilter()
+    abort = ("Abort(1) on node 0 (rank 0 in comm 0): application called "
+             "MPI_Abort(MPI_COMM_WORLD, 1) - process 0\n")
+    assert f.line(abort)  # without a line of ours before it, it is all there is: kept
+    assert f.line("edgeci-mpi: error on rank 0 (h0): lost rank 2 (h2): silent for 5.0 s\n")
+    assert not f.line(abort)
 
 
 def test_a_silent_bad_ending_is_still_one_line():

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from edgeci_mpi.cluster import load_cluster
 from edgeci_mpi.execute import BlockRunner, Executor
+from edgeci_mpi.reduction import drive
+from edgeci_mpi.syncs import ownership
 from edgeci_mpi.geometry import split_even
 from edgeci_mpi.graph import UntileableOp, trace
 from edgeci_mpi.models import build_model
@@ -74,12 +76,19 @@ def random_grid(rng: random.Random, h: int, w: int, max_parts: int = 3):
 
 
 def run_block(mg, start: int, stop: int, x: torch.Tensor, tiling) -> torch.Tensor:
+    """The block on the tiles ``tiling``, which meet at its reductions (squeeze-excitation
+    pools: ``syncs.ownership``, ``reduction.drive``)."""
     runner = BlockRunner(mg, start, stop)
     c, h, w = mg.spec.units[stop - 1].out_chw
     out = torch.full((x.shape[0], c, h, w), float("nan"))
-    for rows, cols in tiling:
+    owned = ownership(runner.geom, list(tiling), runner.syncs) if runner.syncs else None
+    gens = []
+    for k, (rows, cols) in enumerate(tiling):
         (r0, r1), (c0, c1) = runner.input_region(rows, cols)
-        out[:, :, rows[0]:rows[1], cols[0]:cols[1]] = runner.run(x[:, :, r0:r1, c0:c1], rows, cols)
+        gens.append(runner.steps(x[:, :, r0:r1, c0:c1], rows, cols,
+                                 None if owned is None else [o[k] for o in owned]))
+    for (rows, cols), y in zip(tiling, drive(gens, lambda k, p: p.value)):
+        out[:, :, rows[0]:rows[1], cols[0]:cols[1]] = y
     return out
 
 
@@ -536,15 +545,26 @@ def test_reflect_pad_function_is_refused_by_name():
 
 
 def test_group_norm_and_spatial_reductions_end_the_spatial_part():
+    """Group norm and a reduction over rows whose result is not a per-channel scale end the
+    spatial part; a squeeze-excitation does not (issue 13: it is a sync inside a block)."""
     class SE(nn.Module):
         def forward(self, x):
             return x * x.mean((2, 3), keepdim=True).sigmoid()
 
-    for tail in (nn.GroupNorm(2, 4), SE()):
+    class RowMean(nn.Module):
+        def forward(self, x):
+            return x * x.mean(2, keepdim=True)   # one row per column: not per channel
+
+    for tail in (nn.GroupNorm(2, 4), RowMean()):
         model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), tail,
                               nn.Conv2d(4, 2, 3)).eval()
         mg = check_tiled_exact(model, (3, 15, 13), "global")
         assert [u.name for u in mg.spec.units] == ["0..1", "2"]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), SE(),
+                          nn.Conv2d(4, 2, 3)).eval()
+    mg = check_tiled_exact(model, (3, 15, 13), "se")
+    assert [u.name for u in mg.spec.units] == ["0..1", "2", "3", "4"]
+    assert [op.kind for op in mg.spec.units[2].ops][:2] == ["reduce", "vector"]
 
 
 class CachesInForward(nn.Module):

@@ -403,7 +403,11 @@ def check_calibration(comm, mg, first, second) -> None:
     predicted = whole / devices[0].flops_per_s
     assert 0.3 * sum(first[0].unit_s) < predicted < 3 * sum(first[0].unit_s)
     assert all(r.compute_cached for r in second)
-    assert second[0].calibration == cal
+    again = second[0].calibration  # the cached fit, rescaled only if the host's speed drifted
+    ratio = again.head_s / cal.head_s
+    assert again == cal or (again.source.endswith("for drift") and
+                            again.scale == pytest.approx([a * ratio for a in cal.scale]) and
+                            again.fixed_s == pytest.approx([b * ratio for b in cal.fixed_s]))
 
 
 @pytest.mark.mpi(min_size=2)

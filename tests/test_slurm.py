@@ -80,14 +80,35 @@ def test_sweep_slurm_scripts_run_under_real_slurm(tmp_path, cluster):
     assert next(store.glob("*.png")).stat().st_size > 0
 
 
+def _launch_line(tmp_path: Path, slurm_table: str) -> str:
+    tmp_path.mkdir()
+    sweep = tmp_path / "tiny-run.toml"
+    sweep.write_text((ROOT / "jobs" / "tiny-run.toml").read_text() + slurm_table)
+    out = tmp_path / "scripts"
+    assert main(["sweep", str(sweep), "--slurm", str(out), "--results", str(tmp_path / "r"),
+                 "--only", "1"]) == 0
+    (script,) = out.glob("*.sbatch")
+    (line,) = [ln for ln in script.read_text().splitlines() if " -m edgeci_mpi run " in ln]
+    return line
+
+
+def test_srun_gets_pmi2_unless_the_sweep_names_another(tmp_path):
+    """Plain ``srun`` on a cluster with ``MpiDefault=none`` starts N one-rank jobs: the default
+    is ``--mpi=pmi2``; a ``launcher_args`` ``--mpi`` of the sweep file's own wins."""
+    assert " srun --mpi=pmi2 --ntasks=2 " in _launch_line(tmp_path / "a", "")
+    line = _launch_line(tmp_path / "b", '\n[slurm]\nlauncher_args = ["--mpi=pmix"]\n')
+    assert " srun --ntasks=2 --mpi=pmix " in line and "--mpi=pmi2" not in line
+    line = _launch_line(tmp_path / "c", '\n[slurm]\nlauncher_args = ["--mpi", "none"]\n')
+    assert " srun --ntasks=2 --mpi none " in line and "--mpi=pmi2" not in line
+
+
 @pytest.mark.slow
 def test_run_mode_cell_under_srun(tmp_path, cluster):
     """The run-mode script's ``timeout ... srun --mpi=pmi2 --ntasks=2 python -m edgeci_mpi
     run``: two real ranks under Slurm (plain ``srun`` here would start two 1-rank jobs: this
-    test cluster has ``MpiDefault=none``, so the sweep file names ``--mpi=pmi2``)."""
+    test cluster has ``MpiDefault=none``); the sweep file names no ``--mpi``, the default."""
     sweep = tmp_path / "tiny-run.toml"
-    sweep.write_text((ROOT / "jobs" / "tiny-run.toml").read_text()
-                     + '\n[slurm]\nlauncher_args = ["--mpi=pmi2"]\n')
+    sweep.write_text((ROOT / "jobs" / "tiny-run.toml").read_text())
     spec = load_sweep(sweep)
     first = spec.cells()[0]
     assert spec.mode == "run" and first.devices == 2

@@ -1,7 +1,8 @@
 """Slurm batch scripts for a sweep (``edgeci-mpi sweep FILE --slurm DIR``).
 
 One script per unfinished cell plus ``DIR/submit_all.sh``.  Run mode: the cell's cluster file
-is written now (``cells/<id>/cluster.toml``) and the script launches ``srun`` (or ``mpirun``)
+is written now (``cells/<id>/cluster.toml``) and the script launches ``srun --mpi=pmi2`` (unless
+``launcher_args`` choose another ``--mpi``; or ``mpirun``)
 ``python -m edgeci_mpi run ... --json cells/<id>/cell.json``.  Simulate mode: the script runs
 this one cell of the sweep (``sweep FILE --cell ID --no-record``).  Either way, running
 ``edgeci-mpi sweep`` on the file afterwards collects the cells' records into
@@ -60,13 +61,25 @@ def run_job_lines(spec: SweepSpec, cell: Cell, celldir: Path) -> list[str]:
     ctoml = write_cell_cluster(spec, cell, cell_cluster(spec, cell), celldir)
     out_json = celldir / "cell.json"
     if launcher == "srun":
-        launch = ["srun", f"--ntasks={cell.devices}", *largs]
+        launch = ["srun", *srun_mpi(largs), f"--ntasks={cell.devices}", *largs]
     else:
         launch = [spec.mpiexec or launcher, *spec.mpiexec_args, *largs, "-n", str(cell.devices)]
     limit = int(math.ceil(spec.timeout_s))
     return [f"rm -f {shlex.quote(str(out_json))}",
             shlex.join(["timeout", "-k", "10", str(limit), *launch, python,
                         *run_arguments(spec, cell, ctoml, out_json)])]
+
+
+#: ``srun``'s PMI for the ranks unless ``launcher_args`` name one: without it a cluster whose
+#: ``MpiDefault`` is ``none`` (Slurm's own default) starts N one-rank jobs instead of one job
+#: of N ranks; PMI-2 is what MPICH (the PyPI wheel included) and Open MPI both speak.
+SRUN_MPI = "--mpi=pmi2"
+
+
+def srun_mpi(launcher_args: list[str]) -> list[str]:
+    """``[SRUN_MPI]``, or nothing when ``launcher_args`` already choose (``--mpi=pmix``,
+    ``--mpi none``)."""
+    return [] if any(a == "--mpi" or a.startswith("--mpi=") for a in launcher_args) else [SRUN_MPI]
 
 
 def simulate_job_lines(spec: SweepSpec, cell: Cell, results: str | Path) -> list[str]:

@@ -31,8 +31,8 @@ A sweep file (``jobs/*.toml``)::
     time = "00:40:00"              # default: timeout_s + 5 minutes
     partition = "edge"
     account = "proj"
-    launcher = "srun"              # or "mpirun"
-    launcher_args = []             # e.g. ["--mpi=pmi2"]
+    launcher = "srun"              # or "mpirun"; srun gets --mpi=pmi2 unless
+    launcher_args = []             # these name another, e.g. ["--mpi=pmix"]
     python = "/path/to/.venv/bin/python"   # default: this Python
     setup = ["module load gcc"]    # shell lines run before the launch
     extra = ["--constraint=arm"]   # more #SBATCH options

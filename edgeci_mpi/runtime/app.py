@@ -5,16 +5,18 @@ reaches (so an error found in one is reported once, by rank 0, and every rank ex
 
 1. **validate** (rank 0): input shape, model name, strategies, cluster file, weights file,
    images (decoded now, so a corrupt file is refused before anything runs);
-2. **build** (every rank, in parallel): the same model from the seed or ``--weights``; the
-   ranks then agree on a weights checksum;
+2. **build** (``runtime.build``): rank 0 the whole model from the seed or ``--weights``, then
+   every worker all of it but the head, with the same weights; the ranks then agree on a
+   weights checksum per part;
 3. **profile**: capability reports gathered on rank 0 (``runtime.profile``);
 4. **plan** (rank 0): a cluster of the measured devices, or of the cluster file's devices for
    those it marks emulated; one plan per strategy, broadcast as JSON;
 5. **run**: the plans execute the image stream (``runtime.engine``), warm-up first, then
    interleaved image by image (each image through every plan, then through ``model(x)`` on
    rank 0 when verifying), so comparisons between plans are paired;
-6. **report** (rank 0): ``--verify`` against ``model(x)``, the summary, ``--json``; the exit
-   code is broadcast so every rank leaves with the same one.
+6. **report** (rank 0): every rank's peak resident memory gathered, ``--verify`` against
+   ``model(x)``, the summary, ``--json``; the exit code is broadcast so every rank leaves
+   with the same one.
 
 Anything unexpected on any rank, at any point, aborts the whole job (``runtime.failure``).
 Ranks beyond what a plan uses simply get no tiles and idle until the stop command.
@@ -31,16 +33,18 @@ import torch
 
 from ..cost import Cluster, Device
 from ..execute import Executor
-from ..graph import trace
-from ..models import PRETRAINED, build_model, check_model_name, resolve_model, weights_checksum
+from ..models import PRETRAINED, check_model_name, resolve_model
 from ..plan import Plan
+from ..headsplit import SPLIT_STRATEGIES, check_split, head_linears, keep_head, split_head
 from ..strategies import make_plan
 from .adapt import Adapter
 from .emulate import Emulator, Slowdown
 from .engine import PlanRunner, serve, stop_workers
-from .checks import check_inference_mode, check_output_path, check_plan_geometry, user_code
-from .failure import (EXIT_USAGE, EXIT_VERIFY, Injection, JobFailed, Outcome, RunError, Stopped,
-                      agree, checked, error_line, run_guarded)
+from .head import HeadRunner, share_slices
+from .build import peak_rss_mib, phase_build
+from .checks import check_output_path, check_plan_geometry, user_code
+from .failure import (EXIT_USAGE, EXIT_VERIFY, Injection, Outcome, RunError, Stopped, agree,
+                      checked, error_line, run_guarded)
 from .netprobe import probe_network
 from .profile import calibrated, gather_reports, host_cores
 from .results import RunRecord, summarise, write_json
@@ -87,12 +91,18 @@ def _run(comm, args) -> int:
     network = run_network(comm, setup, args, reports)
     profile_s = time.perf_counter() - t0
     plans, cluster, seen, spec = _phase_plan(comm, setup, args, mg, reports, network)
+    comm.setup_done()  # images from here: the --liveness limit applies (not while building)
     emulator = Emulator(cluster, comm.rank, Slowdown.parse(args.inject_slowdown))
     executor = Executor(mg)
     runners = [PlanRunner(comm, mg, plan, emulator, executor, injection, k)
                for k, plan in enumerate(plans)]
+    slices = share_slices(comm, mg, plans)  # the split head's rows, on the devices that run them
+    for runner in runners:
+        if runner.plan.head_split:
+            runner.head_runner = HeadRunner(comm, mg, runner.plan, slices, emulator)
     if comm.rank != 0:
         serve(comm, runners)
+        comm.allgather(peak_rss_mib(), "peak memory")
         return comm.bcast(None, "rank 0's report")
     record = RunRecord(args=vars(args), setup=setup, ranks=comm.size, threads=threads,
                        reports=reports, cluster=cluster, checksum=checksum,
@@ -101,7 +111,8 @@ def _run(comm, args) -> int:
                 for k in range(len(runners))]
     try:
         stream_images(runners, adapters, stream, model if args.verify else None, record,
-                      log, args.warmup, lambda c, k: make_plan(spec, c, setup.strategies[k]))
+                      log, args.warmup, lambda c, k: keep_head(
+                          make_plan(spec, c, setup.strategies[k]), runners[k].plan))
     except Stopped as e:  # a user's stop: rank 0's one line says how far the stream got
         e.images, e.results, e.total = len(record.image_indices), args.results, len(stream)
         e.kept = len(log.done) if log is not None else None
@@ -109,6 +120,7 @@ def _run(comm, args) -> int:
     except RunError as e:  # found mid-stream (a results file that can no longer be written)
         print(error_line(0, comm.host, str(e)), file=sys.stderr, flush=True)
         stop_workers(comm)
+        comm.allgather(peak_rss_mib(), "peak memory")
         return comm.bcast(EXIT_USAGE, "rank 0's report")
     finally:
         if log is not None:
@@ -133,21 +145,10 @@ def _phase_validate(comm, args):
 
 
 def _phase_build(comm, setup: Setup, args):
-    """2. Every rank builds the same model; the ranks agree on a weights checksum."""
-    built = checked(lambda: _build(setup, args))
-    model, mg, notes = agree(comm, built, "every rank to build the model")  # type: ignore[misc]
-    for note in notes if comm.rank == 0 else []:
-        print(f"edgeci-mpi: note: {note}", file=sys.stderr, flush=True)
-    sums = comm.allgather((comm.host, weights_checksum(model)), "weights checksums")
-    bad = [r for r, (_, s) in enumerate(sums) if s != sums[0][1]]
-    if bad:
-        if comm.rank == 0:
-            host, s = sums[bad[0]]
-            print(error_line(bad[0], host, f"weights checksum {s} differs from rank 0's "
-                                           f"{sums[0][1]}: the ranks built different weights"),
-                  file=sys.stderr, flush=True)
-        raise JobFailed(EXIT_USAGE)
-    return model, mg, sums[0][1]
+    """2. Rank 0 builds the whole model, every worker all but the head; the ranks agree on a
+    checksum per part (``runtime.build``)."""
+    model, mg, checksums, _ = phase_build(comm, setup, args)
+    return model, mg, checksums
 
 
 def _model_key(setup: Setup) -> str:
@@ -179,19 +180,32 @@ def _phase_plan(comm, setup: Setup, args, mg, reports, network: str | None = Non
         if network is not None:
             cluster = replace(cluster, network=network)
         seen = cluster if args.links == "measured" else without_links(cluster)
-        planned = checked(lambda: [make_plan(spec, seen, s).to_json(indent=None)
+        planned = checked(lambda: [plan_strategy(spec, seen, s, mg).to_json(indent=None)
                                    for s in setup.strategies] +
-                          ([check_plan_fits(Plan.from_json(setup.plan_json), spec)]
+                          ([check_plan_fits(Plan.from_json(setup.plan_json), spec, mg)]
                            if setup.plan_json is not None else []))
     agree(comm, planned, "rank 0 to plan")
     plans_json, cluster = comm.bcast((planned.value, cluster), "the plans")
     return [Plan.from_json(j) for j in plans_json], cluster, seen, spec
 
 
+def plan_strategy(spec, cluster: Cluster, strategy: str, mg) -> Plan:
+    """``make_plan``, then the head's linear layers split by rows where the cost model says
+    that pays and the devices' memory holds the slices (``headsplit``; edgeci strategies)."""
+    from ..strategies.memory import over_limit
+
+    plan = make_plan(spec, cluster, strategy)
+    if strategy not in SPLIT_STRATEGIES:
+        return plan
+    return split_head(spec, cluster, plan, head_linears(mg),
+                      fits=lambda p: not over_limit(spec, cluster, p))
+
+
 def _phase_report(comm, args, record, t_job: float) -> int:
     """6. Rank 0 stops the workers, prints the summary, writes ``--json``; every rank leaves
     with rank 0's exit code."""
     stop_workers(comm)
+    record.peak_rss_mib = comm.allgather(peak_rss_mib(), "peak memory")
     record.total_s = time.perf_counter() - t_job
     print(summarise(record), flush=True)
     if args.json:
@@ -318,8 +332,11 @@ def load_plan_file(path: str, chw: tuple[int, int, int], ranks: int) -> str:
     return plan.to_json(indent=None)
 
 
-def check_plan_fits(plan: Plan, spec) -> str:
-    """A loaded plan must cover the model's spatial units with the right shapes."""
+def check_plan_fits(plan: Plan, spec, mg=None) -> str:
+    """A loaded plan must cover the model's spatial units with the right shapes (and split
+    only the head's own linear layers)."""
+    if mg is not None:
+        check_split(plan, head_linears(mg))
     stop = plan.blocks[-1].stop if plan.blocks else 0
     if stop != len(spec.units):
         raise RunError(f"plan covers units 0..{stop}, the model has {len(spec.units)}")
@@ -373,18 +390,3 @@ def _results_header(args, setup: Setup) -> dict:
     return {"model": setup.label, "input": list(setup.chw), "strategies": setup.strategies,
             "plan_file": args.plan, "seed": args.seed, "weights": args.weights,
             "cluster": args.cluster, "images": len(setup.image_labels), "labels_sha256": labels}
-
-
-def _build(setup: Setup, args):
-    """(model, graph, notes for rank 0); a model factory is the user's code: whatever it or
-    the model's forward raises is bad input (exit 2), not a crash."""
-    if ":" in setup.model:
-        m = user_code(f"model factory {setup.model!r}",
-                      lambda: build_model(setup.model, seed=args.seed, weights=args.weights))
-        mg = user_code(f"model {setup.label!r} on input {'x'.join(map(str, setup.chw))}",
-                       lambda: trace(m, setup.chw, name=setup.label))
-    else:
-        m = build_model(setup.model, seed=args.seed, weights=args.weights)
-        mg = trace(m, setup.chw, name=setup.label)
-    return m, mg, check_inference_mode(m)
-

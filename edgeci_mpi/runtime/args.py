@@ -49,7 +49,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: notice stragglers from measured tile times and re-plan)")
     p.add_argument("--liveness", type=seconds, default=5.0, metavar="S",
                    help="declare a rank lost when it has not been heard from (heartbeats every "
-                        "0.5 s) for S seconds; 0 = no heartbeats, only --watchdog (default 5)")
+                        "0.5 s) for S seconds (at least 60 s while it is still building, "
+                        "loading or profiling); 0 = no heartbeats, only --watchdog (default 5)")
     p.add_argument("--inject-failure", default=None, help=argparse.SUPPRESS)
     p.add_argument("--inject-slowdown", default=None, help=argparse.SUPPRESS)
     p.epilog = ("--strategy also takes a comma list or 'all': every plan runs the same images "

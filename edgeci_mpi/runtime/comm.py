@@ -80,8 +80,11 @@ class Comm:
     def __init__(self, comm: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  liveness_s: float = DEFAULT_LIVENESS_S):
         self.world = comm if comm is not None else MPI.COMM_WORLD
+        _quiet_arrival(self.world, timeout_s)
         self.data = self.world.Dup()  # tiles never mix with control messages
         self.side = self.world.Dup()  # emulation's time stamps, tagged like the tiles
+        self.syncs = self.world.Dup()  # partial sums of reductions inside blocks (sync_tag)
+        self.heads = self.world.Dup()  # split head layers: slices, vectors, rows (head_tag)
         self.rank = self.world.Get_rank()
         self.size = self.world.Get_size()
         self.host = socket.gethostname()
@@ -221,6 +224,12 @@ class Comm:
             self.abort(code)
         self.exit_now(code)
 
+    def setup_done(self) -> None:
+        """This rank is done building, loading and profiling: from now on the peers hold its
+        heartbeats to the ``--liveness`` limit (before, to ``liveness.SETUP_LIVENESS_S``)."""
+        if self.liveness is not None:
+            self.liveness.setup_done()
+
     def close(self) -> None:
         """Stop the heartbeats (telling the peers this rank is done); idempotent."""
         if self.liveness is not None:
@@ -270,6 +279,40 @@ class Comm:
         """Non-blocking receive of one piece straight into its preallocated buffer ``t``."""
         return self.data.Irecv([_buffer(t), MPI.FLOAT], source=source, tag=tag)
 
+    # --- syncs inside blocks: partial sums of reductions (buffers, never pickled; issue 13) ----
+    def sync_tag(self, block: int, sync: int, per_block: int) -> int:
+        """Tag of the ``sync``-th reduction of a plan's ``block`` (``per_block``: the most any
+        block has), on its own communicator: a partial sum goes to the block's root and the
+        total comes back under the same tag; images never overlap, as for tiles."""
+        tag = 1 + block * per_block + sync
+        if tag > self.tag_ub:
+            raise ValueError(f"plan too large for MPI tags ({tag} > {self.tag_ub})")
+        return tag
+
+    def isend_partial(self, a: np.ndarray, dest: int, tag: int) -> Any:
+        """Non-blocking send of a float32 partial sum (or total) of a reduction; keep ``a``
+        alive until done."""
+        return self.syncs.Isend([_f32(a), MPI.FLOAT], dest=dest, tag=tag)
+
+    def irecv_partial(self, a: np.ndarray, source: int, tag: int) -> Any:
+        return self.syncs.Irecv([_f32(a), MPI.FLOAT], source=source, tag=tag)
+
+    # --- the head split by rows (buffers, never pickled; issue 13, runtime.head) ---------------
+    def head_tag(self, layer: int) -> int:
+        """Tag of split head layer ``layer`` on the ``heads`` communicator: the input vector
+        out and the rows back; 0 and 1 carry the weight slices, sent once before any image."""
+        tag = 2 + layer
+        if tag > self.tag_ub:
+            raise ValueError(f"head too large for MPI tags ({tag} > {self.tag_ub})")
+        return tag
+
+    def isend_head(self, t: torch.Tensor, dest: int, tag: int) -> Any:
+        """Non-blocking send of a contiguous float32 tensor (a slice, a vector, rows)."""
+        return self.heads.Isend([_buffer(t), MPI.FLOAT], dest=dest, tag=tag)
+
+    def irecv_head(self, t: torch.Tensor, source: int, tag: int) -> Any:
+        return self.heads.Irecv([_buffer(t), MPI.FLOAT], source=source, tag=tag)
+
     def isend_probe(self, a: np.ndarray, dest: int) -> Any:
         """Non-blocking bytes of the network probe (two transfers at once, ``TAG_PROBE``)."""
         return self.data.Isend([a, MPI.BYTE], dest=dest, tag=TAG_PROBE)
@@ -303,7 +346,23 @@ class Comm:
         self.close()
         self.data.Free()
         self.side.Free()
+        self.syncs.Free()
+        self.heads.Free()
         self.host_comm.Free()
+
+
+def _quiet_arrival(world: Any, timeout_s: float) -> None:
+    """Wait quietly (``Ibarrier`` and ``Test``) until every rank has got here: MPI starts
+    before torch is imported (``runtime.mpistart``), and the ranks import it at different
+    speeds (seconds apart on a host with a small CPU share); the blocking ``Dup`` after this
+    would spin a core meanwhile.  Past the watchdog: :class:`WatchdogTimeout`."""
+    req, t0 = world.Ibarrier(), time.perf_counter()
+    while not req.Test():
+        waited = time.perf_counter() - t0
+        if timeout_s and waited > timeout_s:
+            raise WatchdogTimeout(f"waited {waited:.0f} s for every rank to start (watchdog "
+                                  f"{timeout_s:.0f} s; a rank is stuck starting)")
+        time.sleep(0.005)
 
 
 def _udp_channel(world: Any, hosts: list[str]) -> UdpChannel | None:
@@ -341,6 +400,12 @@ def _exit_later(seconds: float, code: int) -> None:
         os._exit(code)
 
     threading.Thread(target=end, name="edgeci-exit", daemon=True).start()
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    if a.dtype != np.float32 or not a.flags.c_contiguous:
+        raise TypeError(f"partial sums travel as contiguous float32, got {a.dtype}")
+    return a
 
 
 def _buffer(t: torch.Tensor) -> np.ndarray:

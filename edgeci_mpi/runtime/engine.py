@@ -62,6 +62,7 @@ from .emulate import Emulator, sleep_until
 from .failure import Injection
 from .pieces import (Exchange, Input, build, cut, exchange, needs_map, paste, tile_inputs,
                      whole_map)
+from .syncround import compute_synced, plan_syncs
 
 
 @dataclass
@@ -93,6 +94,7 @@ class PlanRunner:
         self.injection = injection
         self.images_run = 0
         self.version = -1
+        self.head_runner = None  # the head split by rows (runtime.head), set by the app
         self._use(plan)
 
     def _use(self, plan: Plan) -> None:
@@ -156,6 +158,13 @@ class PlanRunner:
                 b, f, bi == len(plan.blocks) - 1) else None)
         if n:
             self.comm.transfer_tag(first_tag, n - 1)  # the plan's last tag must fit
+        self.syncs = plan_syncs(self.comm, self.executor, plan)
+
+    def _compute_synced(self, bi: int, block: Block, items: list[tuple[int, torch.Tensor]],
+                        image: int, before=None) -> dict[int, torch.Tensor]:
+        """This rank's tiles ``(tile, input)`` of a block with syncs, in lockstep
+        (``syncround.compute_synced``)."""
+        return compute_synced(self, bi, block, items, image, before)
 
     def replan(self, plan: Plan) -> None:
         """Rank 0: switch every rank to ``plan`` before the next image."""
@@ -237,6 +246,7 @@ class PlanRunner:
                                               f"ranks {','.join(map(str, devs))}")
             self._land(x)
         out: dict[int, torch.Tensor] = {}
+        synced = []
         for ti in self.mine[bi]:
             t = block.tiles[ti]
             how = self.inputs[bi][ti]
@@ -246,7 +256,12 @@ class PlanRunner:
                 xin = x.recvs[how.index].buf
             else:
                 xin = build(how.buf, (t.in_rows, t.in_cols), self.rank, held, flow, x)
-            out[ti] = self._compute(bi, ti, block, t, xin, image).contiguous()
+            if self.syncs[bi] is not None:
+                synced.append((ti, xin))
+            else:
+                out[ti] = self._compute(bi, ti, block, t, xin, image).contiguous()
+        if synced:
+            out.update(self._compute_synced(bi, block, synced, image))
         y = self.xout[bi]
         if y:
             recvs, sends = self._post(y, out, [(t.out_rows, t.out_cols) for t in block.tiles])
@@ -287,7 +302,7 @@ class PlanRunner:
             blocks_s.append(time.perf_counter() - t0)
         final = held[len(self.plan.blocks[-1].tiles)] if self.plan.blocks else x
         t0 = time.perf_counter()
-        logits = self.mg.head(final)
+        logits = self.head_runner(final) if self.head_runner is not None else self.mg.head(final)
         head_s = time.perf_counter() - t0
         total_s = time.perf_counter() - t_start
         self.comm.wait_all(cmds, "workers to take the image command")
@@ -341,9 +356,13 @@ class PlanRunner:
                  for p, ti in zip(parts, remote)]
         out = x.new_empty(1, c, h, w)
         mine = {}
+        if self.syncs[bi] is not None and own:
+            mine = self._compute_synced(bi, block, [(ti, _region(x, block.tiles[ti]))
+                                                    for ti in own], image)
         for ti in own:
             t = block.tiles[ti]
-            mine[ti] = self._compute(bi, ti, block, t, _region(x, t), image).contiguous()
+            if ti not in mine:
+                mine[ti] = self._compute(bi, ti, block, t, _region(x, t), image).contiguous()
             _place(out, t, mine[ti])
         devs = sorted({block.tiles[ti].device for ti in remote})
         self.comm.wait_all(sends + recvs, f"block {bi} ({block.name}) tiles from ranks "
@@ -375,6 +394,8 @@ class PlanRunner:
                 held = self._worker_star(bi, block, held, image)
             else:
                 held = self._d2d_block(bi, block, held, image)
+        if self.head_runner is not None:  # this rank's rows of the split head layers
+            self.head_runner.serve(image)
         if self.rank in self.reporting:
             seconds = [self.last[key] for key in self.report_keys[self.rank]]
             self.comm.wait(self.comm.send_times((seconds, self.sent, self.received)),
@@ -400,14 +421,26 @@ class PlanRunner:
             recvs.append(self.comm.irecv_stamp(start, 0, self.tag(bi, mine[0])))
             recvs += [self.comm.irecv_stamp(np.zeros(1), 0, self.tag(bi, ti)) for ti in mine[1:]]
         sends, keep = [], []
-        for k, ti in enumerate(mine):
-            t = block.tiles[ti]
+
+        def arrived(k: int) -> None:
+            ti = mine[k]
             self.comm.wait(recvs[k], f"block {bi} ({block.name}) tile {ti} input from rank 0")
             if self.links[bi]:
                 if k == 0:
                     self.comm.wait_all(recvs[len(mine):], "rank 0's block start stamp")
                 sleep_until(float(start[0]) + self.offsets[bi][ti])
-            y = self._compute(bi, ti, block, t, self.bufs[bi, ti], image).contiguous()
+
+        synced = {}
+        if self.syncs[bi] is not None:
+            synced = self._compute_synced(bi, block, [(ti, self.bufs[bi, ti]) for ti in mine],
+                                          image, arrived)
+        for k, ti in enumerate(mine):
+            t = block.tiles[ti]
+            if ti in synced:
+                y = synced[ti]
+            else:
+                arrived(k)
+                y = self._compute(bi, ti, block, t, self.bufs[bi, ti], image).contiguous()
             kept[ti] = y
             sends.append(self._isend(y, 0, self.tag(bi, ti)))
             if self.links[bi]:

@@ -27,6 +27,12 @@ The thread also
 * carries a user's stop: rank 0's beats say STOPPING and the workers stop with it; a worker
   that alone was stopped by a signal is, to rank 0, a lost rank;
 * says goodbye (BYE) when its rank is done, so that the silence after is no loss;
+* says SETUP until its rank starts running images (:meth:`Liveness.setup_done`): validating,
+  building or loading a model, checksumming its weights and profiling are long calls that may
+  hold the GIL (a user's model factory, a 400 MB copy) and so hold back the beats (seen: a
+  VGG-16 build on a testbed host with a small CPU quota was declared lost at 5 s).  A peer whose
+  last beat said SETUP is lost only after :data:`SETUP_LIVENESS_S`; from its first beat after
+  that, the ``--liveness`` limit applies (``--watchdog`` stays the upper bound throughout);
 * ends the process itself (``forced_end``) when the main thread has not acted on a loss or a
   stop :data:`GRACE_S` after it was found (stuck in a blocking MPI call or a compute).
 
@@ -50,12 +56,15 @@ from .failure import EXIT_ABORT, PeerLost, Stopped, error_line, stop_code
 
 #: A peer not heard from for this long is lost (``--liveness``; 0 = no heartbeats).
 DEFAULT_LIVENESS_S = 5.0
+#: ... while that peer is still setting up (its last beat said SETUP): building, loading,
+#: validating, profiling; the longer of this and ``--liveness``.
+SETUP_LIVENESS_S = 60.0
 BEAT_S = 0.5       # heartbeat period
 TICK_S = 0.1       # the heartbeat thread's polling period
 GRACE_S = 3.0      # how long the main thread has to act on a loss or stop before the thread does
 PEER_STOP_GRACE_S = 1.0  # a worker stopped by a signal is lost unless rank 0 is stopped too
 TAG_BEAT = 1       # on the heartbeat communicator
-ALIVE, BYE, STOPPING = 0.0, 1.0, 2.0  # a beat's status: [sequence, status, signal]
+ALIVE, BYE, STOPPING, SETUP = 0.0, 1.0, 2.0, 3.0  # a beat's status: [sequence, status, signal]
 #: Launcher variables: set when a process manager started this rank (orphan detection).
 PM_ENV = ("PMI_RANK", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
 
@@ -201,6 +210,9 @@ class Liveness(threading.Thread):
         self.channels: list = [self.mpi] + ([udp] if udp is not None else [])
         self.heard_on = {type(c).__name__: 0 for c in self.channels}  # beats per channel
         self.done: set[int] = set()                    # peers that said bye
+        self.in_setup = True                           # this rank: not running images yet
+        self.peer_setup = {p: True for p in self.peers}  # ... each peer, by its last beat
+        self.setup_limit_s = max(SETUP_LIVENESS_S, self.limit_s)
         self.peer_stop: dict[int, tuple[int, float]] = {}
         self.lost: tuple[str, tuple[int, ...], float] | None = None  # (kind, ranks, silent s)
         self.stop_signal = 0
@@ -219,6 +231,15 @@ class Liveness(threading.Thread):
         self._flag()
         return again
 
+    def setup_done(self) -> None:
+        """This rank starts running images: from now on its beats say ALIVE, and its peers
+        hold it to the ``--liveness`` limit."""
+        self.in_setup = False
+
+    def limit_for(self, p: int) -> float:
+        """How long peer ``p`` may be silent: longer while it is still setting up."""
+        return self.setup_limit_s if self.peer_setup[p] else self.limit_s
+
     def _flag(self) -> None:
         if self.flagged_at is None:
             self.flagged_at = time.monotonic()
@@ -235,8 +256,8 @@ class Liveness(threading.Thread):
                         self._heard(p, beat, now)
                 if now >= next_beat:
                     seq += 1
-                    beat = (float(seq), STOPPING if self.stop_signal else ALIVE,
-                            float(self.stop_signal))
+                    status = STOPPING if self.stop_signal else SETUP if self.in_setup else ALIVE
+                    beat = (float(seq), status, float(self.stop_signal))
                     for p in self.peers:
                         if p not in self.done:
                             for ch in self.channels:
@@ -254,6 +275,7 @@ class Liveness(threading.Thread):
         self.last[p] = now
         self.beats_in[p] += 1
         status = float(beat[1])
+        self.peer_setup[p] = status == SETUP
         if status == BYE:
             self.done.add(p)
         elif status == STOPPING and p not in self.peer_stop:
@@ -267,12 +289,12 @@ class Liveness(threading.Thread):
             if self.ppid is not None and os.getppid() != self.ppid:
                 self.lost = ("orphaned", (), 0.0)
             silent = [p for p in self.peers
-                      if p not in self.done and now - self.last[p] > self.limit_s]
+                      if p not in self.done and now - self.last[p] > self.limit_for(p)]
             stopped = [p for p, (_, t) in self.peer_stop.items()
                        if now - t > PEER_STOP_GRACE_S and not self.stop_signal]
             if silent and self.lost is None:  # with those nearly as silent: a link of ours
                 silent = [p for p in self.peers if p not in self.done  # down hits all at once
-                          and now - self.last[p] > 0.7 * self.limit_s]
+                          and now - self.last[p] > 0.7 * self.limit_for(p)]
                 self.lost = ("silent", tuple(silent), max(now - self.last[p] for p in silent))
             elif stopped and self.lost is None:
                 self.lost = ("stopped", tuple(stopped), 0.0)
@@ -336,8 +358,10 @@ class Liveness(threading.Thread):
             sig = self.peer_stop[ranks[0]][0]
             msg = f"{who}: stopped by {Stopped(sig).name} while rank 0 was waiting for {what}"
         else:
-            msg = (f"{who}: silent for {silent_s:.1f} s (no heartbeat; --liveness "
-                   f"{self.limit_s:g}) while waiting for {what}")
+            limit = (f"still setting up: limit {self.setup_limit_s:g} s"
+                     if all(self.peer_setup[r] for r in ranks) else f"--liveness {self.limit_s:g}")
+            msg = (f"{who}: silent for {silent_s:.1f} s (no heartbeat; {limit}) while waiting "
+                   f"for {what}")
             if self.rank == 0 and len(ranks) == len(self.peers) > 1:
                 msg += "; every worker at once: this host's own link may be down"
         return PeerLost(msg, ranks, tuple(self.hosts[r] for r in ranks))

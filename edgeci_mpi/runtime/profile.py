@@ -31,14 +31,13 @@ Network (``--network auto``): ``runtime.netprobe``, after these reports.
 Cache: ``$EDGECI_CACHE_DIR`` or ``~/.cache/edgeci_mpi/``, one JSON file per host and thread
 count, written atomically by the host's measuring rank: the generic figures, the unit
 calibration per (model, input), and link figures in rank 0's host file, per peer host.
-``--reprofile`` ignores and rewrites them.
+``--reprofile`` ignores and rewrites them.  A cached unit calibration is checked at every
+start against one fresh whole-map timing of each unit and rescaled for drift (``profcache.redrift``).
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -52,8 +51,8 @@ from ..cost import Device
 from ..geometry import split_even
 from ..units import Calibration
 from .comm import TAG_LINK, TAG_PING_SIZE, TAG_PROBE_ASK
+from .profcache import load_cache, redrift, save_cache
 
-PROFILE_VERSION = 5
 #: (channels, map size) of the conv micro-benchmark: 3x3 conv, C -> C, stride 1, padding 1.
 CONV_SIZES = ((32, 28), (32, 56), (64, 40), (64, 56))
 PING_SIZES = (8, 64 * 1024, 1024 * 1024, 4 * 1024 * 1024)
@@ -153,7 +152,7 @@ def block_call_overhead(repeats: int = 21) -> float:
     (r0, r1), (c0, c1) = run.input_region(rows, cols)
     x = torch.randn(1, 4, r1 - r0, c1 - c0)
     with torch.no_grad():
-        return _time_call(lambda: run.run(x, rows, cols), repeats)
+        return _time_call(lambda: run.run(x, rows, cols, timing=True), repeats)
 
 
 def available_memory() -> int:
@@ -265,7 +264,7 @@ def unit_points(mg, u: int, splits=CALIBRATION_SPLITS, repeats: int = 3
         flops = spec.chain.unit_flops(u, rows, cols)[0]
         (r0, r1), (c0, c1) = run.input_region(rows, cols)
         x = torch.randn(1, c_in, r1 - r0, c1 - c0)
-        points.append((flops, _time_call(lambda: run.run(x, rows, cols), repeats)))
+        points.append((flops, _time_call(lambda: run.run(x, rows, cols, timing=True), repeats)))
     return points
 
 
@@ -302,44 +301,6 @@ def whole_map_seconds(mg, repeats: int = 2) -> list[float]:
     """Each unit on its whole map: what a host other than the coordinator's measures."""
     with torch.no_grad():
         return [unit_points(mg, u, (1,), repeats)[0][1] for u in range(len(mg.spec.units))]
-
-
-# --- cache ----------------------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    env = os.environ.get("EDGECI_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "edgeci_mpi"
-
-
-def _cache_file(host: str, threads: int) -> Path:
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in host)
-    return cache_dir() / f"{safe}-t{threads}.json"
-
-
-def _cache_key() -> dict:
-    return {"version": PROFILE_VERSION, "torch": torch.__version__}
-
-
-def load_cache(host: str, threads: int) -> dict:
-    p = _cache_file(host, threads)
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {}
-    return d if isinstance(d, dict) and d.get("key") == _cache_key() else {}
-
-
-def save_cache(host: str, threads: int, data: dict) -> None:
-    """Atomic write; a cache that cannot be written is only a slower next start."""
-    p = _cache_file(host, threads)
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({**data, "key": _cache_key()}, f, indent=1)
-        os.replace(tmp, p)
-    except OSError:
-        pass
 
 
 # --- the collective ---------------------------------------------------------------------------
@@ -402,6 +363,8 @@ def _host_compute(cache: dict, mg, model_key: str, reprofile: bool, full: bool) 
         else:
             model = {"unit_s": whole_map_seconds(mg), "calibration": None}
         models[key] = model
+    else:
+        model = redrift(model, whole_map_seconds(mg, repeats=1))
     out["model"] = model
     return out
 

@@ -55,13 +55,14 @@ class RunRecord:
     threads: int
     reports: list
     cluster: Cluster
-    checksum: str
+    checksum: dict             # {part: checksum} ("units", "head"), agreed by the ranks holding it
     build_s: float
     profile_s: float
     runs: list[dict] = field(default_factory=list)
     total_s: float = 0.0
     reference_s: list[float] = field(default_factory=list)  # model(x) on rank 0, per image
     image_indices: list[int] = field(default_factory=list)  # stream images run by this job
+    peak_rss_mib: list[float] = field(default_factory=list)  # every rank's, at the end
 
     @property
     def emulated(self) -> list[int]:
@@ -123,6 +124,7 @@ class RunRecord:
             "stream_images": len(setup.image_labels), "pretrained": setup.pretrained,
             "ranks": self.ranks, "threads_per_rank": self.threads,
             "weights_checksum": self.checksum,
+            "peak_rss_mib": self.peak_rss_mib,
             "emulated": bool(self.emulated), "emulated_ranks": self.emulated,
             "cluster": {"name": self.cluster.name, "source": self.cluster.source,
                         "network": self.cluster.network,
@@ -245,13 +247,36 @@ def _ms(s: float | None) -> str:
     return "-" if s is None else f"{s * 1e3:.2f}"
 
 
+def _head_row(run: dict) -> str:
+    """The head's line of a run's table: on rank 0, or split by rows (``headsplit``)."""
+    split = run["plan"].get("head_split") or []
+    devs = ",".join(map(str, sorted({r[0] for h in split for r in h["rows"]}))) or "0"
+    return (f"  {'':>3} {'':>7}  {'head (split by rows)' if split else 'head (rank 0)':<30}"
+            f" {'':>5} {devs[:12]:<12} "
+            f"{_ms(run['head_predicted_s']):>8} {_ms(run['head_measured_s']):>8}")
+
+
+def _weights_lines(rec: RunRecord) -> list[str]:
+    """Where the weights came from, their checksum per part, every rank's peak memory."""
+    s = rec.setup
+    source = "file " + rec.args["weights"] if rec.args.get("weights") else \
+        "pretrained" if s.pretrained else "seed " + str(rec.args.get("seed"))
+    sums = " ".join(f"{p}={v}" for p, v in rec.checksum.items()) \
+        if isinstance(rec.checksum, dict) else str(rec.checksum)
+    lines = [f"weights: {source}, checksums {sums} agreed by the ranks holding each part; "
+             f"built in {rec.build_s:.1f} s"]
+    if rec.peak_rss_mib:
+        lines.append("peak memory (MiB, rank order): " +
+                     " ".join(f"{m:.0f}" for m in rec.peak_rss_mib))
+    return lines
+
+
 def summarise(rec: RunRecord) -> str:
     s = rec.setup
     hosts = sorted({r.host for r in rec.reports})
     lines = [f"edgeci-mpi run  model={s.label} input={'x'.join(map(str, s.chw))}  ranks={rec.ranks} "
              f"on {len(hosts)} host(s) ({', '.join(hosts)}), {rec.threads} thread(s)/rank",
-             f"weights: {'file ' + rec.args['weights'] if rec.args.get('weights') else 'pretrained' if s.pretrained else 'seed ' + str(rec.args.get('seed'))}"
-             f", checksum {rec.checksum} agreed by all ranks; built in {rec.build_s:.1f} s"]
+             *_weights_lines(rec)]
     if rec.emulated:
         lines.append(f"EMULATED: ranks {','.join(map(str, rec.emulated))} behave like the "
                      f"devices of cluster {rec.cluster.name!r} (compute stretched, links delayed)")
@@ -289,8 +314,7 @@ def summarise(rec: RunRecord) -> str:
             lines.append(f"  {i:>3} {b['units'][0]:>3}-{b['units'][1] - 1:<3}  {name:<30} "
                          f"{len(b['tiles']):>5} {devs[:12]:<12} {_ms(b['predicted_s']):>8} "
                          f"{_ms(b['measured_s']):>8}")
-        lines.append(f"  {'':>3} {'':>7}  {'head (rank 0)':<30} {'':>5} {'0':<12} "
-                     f"{_ms(run['head_predicted_s']):>8} {_ms(run['head_measured_s']):>8}")
+        lines.append(_head_row(run))
         moved = run.get("bytes_per_image")
         if moved:
             total = sum(v["sent"] for v in moved.values())

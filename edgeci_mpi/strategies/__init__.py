@@ -19,6 +19,7 @@ from .edgeci_d2d import plan_edgeci_d2d
 from .edgeci_equal import plan_edgeci_equal
 from .edgeci_fixed import plan_edgeci_fixed
 from .edgeld import plan_edgeld
+from .memory import fit_memory
 from .modnn import plan_modnn
 from .single import plan_single
 
@@ -52,7 +53,7 @@ def make_plan(spec: ModelSpec, cluster: Cluster, strategy: str = "edgeci") -> Pl
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     t0 = time.perf_counter()
-    plan = STRATEGIES[strategy](spec, cluster)
+    plan = fit_memory(STRATEGIES[strategy], spec, cluster)  # memory_mb (strategies.memory)
     plan.planning_s = time.perf_counter() - t0
     plan.validate(len(cluster))
     return plan

@@ -14,6 +14,7 @@ from ..cost import (Cluster, block_items, contention, pair_time, schedule_flow, 
 from ..flows import Piece, block_flow, start_holdings
 from ..geometry import Interval
 from ..plan import Block, Plan, Tile
+from ..synccost import block_syncs
 from ..units import BlockGeom, ModelSpec
 
 Rect = tuple[int, Interval, Interval]
@@ -38,7 +39,8 @@ def make_block(spec: ModelSpec, cluster: Cluster, start: int, stop: int,
     items = block_items(block, spec.bytes_per_element)
     order = send_order(items, cluster)
     block.tiles = [tiles[i] for i in order]
-    block.predicted_s = schedule_time(cluster, [items[i] for i in order])
+    block.syncs = block_syncs(spec, start, stop)  # squeeze-excitation pools (synccost)
+    block.predicted_s = schedule_time(cluster, [items[i] for i in order], block.syncs)
     return block
 
 
@@ -64,7 +66,7 @@ def d2d_tiles(spec: ModelSpec, cluster: Cluster, start: int, stop: int,
     tiles = [make_tile(geom, cluster, d, r, c, slow[d]) for d, r, c in rects]
     tiles.sort(key=lambda t: -t.compute_s)
     return Block(start, stop, block_name(spec, start, stop), geom.in_chw, geom.out_chw, tiles,
-                 source="d2d")
+                 source="d2d", syncs=block_syncs(spec, start, stop))
 
 
 def price_d2d(block: Block, cluster: Cluster, before: Sequence[Piece], last: bool,
