@@ -48,7 +48,7 @@ from .liveness import DEFAULT_LIVENESS_S, Liveness, UdpChannel
 # Every tag the runtime uses.  On the data communicator: 0 is the ping-pong of the capability
 # probe, tile messages use ``tile_tag`` (>= 1).  Control tags on the world communicator:
 TAG_CMD = 11         # rank 0 -> workers: ("image", plan, i), ("plan", k, json) or ("stop",)
-TAG_PROBE_ASK = 12   # rank 0 -> peer: will its link be probed (False: a cached figure is used)
+TAG_PROBE_ASK = 12   # rank 0 -> peer: take the probe (the whole one, or its latency part only)
 TAG_LINK = 13        # rank 0 -> peer: that peer's (latency, bandwidth, cached)
 TAG_TIMES = 14       # workers -> rank 0: per-tile compute seconds of one image
 TAG_PING_SIZE = 15   # rank 0 -> peer: the next ping size in bytes, 0 = done

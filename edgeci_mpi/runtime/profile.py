@@ -386,7 +386,8 @@ def calibrated(reports: list[Report]) -> tuple[list[Device], Calibration | None]
 
 
 def _links(comm, peers: list[str], cache: dict, reprofile: bool) -> tuple[float, float, bool]:
-    """Rank 0 pings each other rank in turn (or uses its cached figure for that host)."""
+    """Rank 0 pings each other rank in turn (or uses its cached bandwidth for that host and
+    measures only the latency again)."""
     if comm.rank != 0:
         if comm.recv_control(0, TAG_PROBE_ASK, "rank 0's link probe"):
             _ping_pong_peer(comm)
@@ -395,13 +396,13 @@ def _links(comm, peers: list[str], cache: dict, reprofile: bool) -> tuple[float,
     results = [(0.0, float("inf"), False)]
     for r in range(1, comm.size):
         known = None if reprofile else links.get(peers[r])
-        comm.send_control(known is None, r, TAG_PROBE_ASK, f"rank {r} to take the probe")
+        comm.send_control(True, r, TAG_PROBE_ASK, f"rank {r} to take the probe")
         if known is None:
             known = _ping_pong_root(comm, r)
             links[peers[r]] = known
             results.append((known[0], known[1], False))
-        else:
-            results.append((known[0], known[1], True))
+        else:  # the bandwidth from the cache, the latency of this moment
+            results.append((_fresh_latency(comm, r), known[1], True))
     for r in range(1, comm.size):
         comm.send_control(results[r], r, TAG_LINK, f"rank {r} to take its link figures")
     return results[0]
@@ -429,16 +430,31 @@ def _ping_pong_root(comm, peer: int, repeats: int = 3) -> tuple[float, float]:
         one_way.append(best)
     a, _ = fit_line(sizes, one_way)
     latency = max(0.0, one_way[0] - sizes[0] * a)
+    late = _late_latency(comm, peer, repeats)
+    comm.send_control(0, peer, TAG_PING_SIZE, f"rank {peer} to end the probe")
+    return max(latency, late), 1.0 / a
+
+
+def _late_latency(comm, peer: int, repeats: int = 3) -> float:
+    """One-way time of a reply that comes while rank 0 is already waiting quietly (median)."""
     late = []
-    for _ in range(repeats):  # a reply that comes while rank 0 is already waiting quietly
+    for _ in range(repeats):
         comm.send_control(-1, peer, TAG_PING_SIZE, f"rank {peer} to take the late ping")
         buf = np.zeros(8, np.uint8)
         t0 = time.perf_counter()
         comm.send_bytes(buf, peer)
         comm.recv_bytes(buf, peer)
         late.append(max(0.0, (time.perf_counter() - t0 - LATE_PONG_S) / 2))
+    return statistics.median(late)
+
+
+def _fresh_latency(comm, peer: int) -> float:
+    """The latency alone, measured now: a cached link's bandwidth holds, but its latency was
+    measured at one moment (a cache written while the machine was loaded said 17.8 ms for a
+    0.26 ms link, and the planners then kept everything on rank 0).  A few milliseconds."""
+    late = _late_latency(comm, peer)
     comm.send_control(0, peer, TAG_PING_SIZE, f"rank {peer} to end the probe")
-    return max(latency, statistics.median(late)), 1.0 / a
+    return late
 
 
 def _ping_pong_peer(comm, repeats: int = 3) -> None:
