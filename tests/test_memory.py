@@ -244,6 +244,18 @@ def test_vgg16_workers_peak_at_least_300_mib_below_the_coordinator(tmp_path):
     r = run_job(4, "--model", "vgg16", "--strategy", "edgeci", "--images", "1", "--warmup",
                 "0", "--json", str(out), limit=600)
     assert r.rc == 0, r
-    peaks = json.loads(out.read_text())["peak_rss_mib"]
+    rec = json.loads(out.read_text())
+    peaks = rec["peak_rss_mib"]
     assert len(peaks) == 4
-    assert all(peaks[0] - p >= 300 for p in peaks[1:]), peaks
+    # a worker that holds rows of a split head layer (issue 13, item 3) may hold their bytes
+    import torchvision
+
+    with torch.device("meta"):
+        layers = dict(torchvision.models.vgg16().named_modules())
+    held = [0.0] * 4
+    for h in rec["runs"][0]["plan"].get("head_split", []):
+        lin = layers[h["target"]]
+        for d, r0, r1 in h["rows"]:
+            held[d] += (r1 - r0) * (lin.in_features + 1) * 4 / 2**20
+    assert all(peaks[0] - p >= 300 - held[d] for d, p in enumerate(peaks) if d), (peaks, held)
+    assert held[1:] == [0.0, 0.0, 0.0] or max(held[1:]) < 472, held  # never the whole head
