@@ -26,12 +26,10 @@ from edgeci_mpi.cluster import load_cluster
 from edgeci_mpi.execute import BlockRunner, Executor
 from edgeci_mpi.reduction import drive
 from edgeci_mpi.syncs import ownership
-from edgeci_mpi.geometry import split_even
 from edgeci_mpi.graph import UntileableOp, trace
 from edgeci_mpi.models import build_model
-from edgeci_mpi.plan import Block, Plan, Tile
 from edgeci_mpi.strategies import make_plan
-from edgeci_mpi.units import BlockGeom
+from se_models import grid_plan
 from test_geometry import Pad
 
 SMALL = (3, 97, 123)
@@ -205,23 +203,7 @@ def test_inception_and_dense_blocks_are_single_units():
 
 # --- real model code: shape reads, pads, interpolation, channel ops, channels-last norms --------
 
-def split_plan(mg, bounds: list[int], parts: int = 3, devices: int = 3) -> Plan:
-    """Blocks ``units[bounds[i]:bounds[i+1]]``, every one cut into a ``parts x parts`` grid
-    (fewer where the map is smaller), tiles dealt round-robin to ``devices`` devices."""
-    blocks = []
-    for a, b in zip(bounds, bounds[1:]):
-        geom = BlockGeom.of(mg.spec, a, b)
-        _, h, w = geom.out_chw
-        tiles = []
-        for r in split_even(h, min(parts, h)):
-            for c in split_even(w, min(parts, w)):
-                ir, ic = geom.input_region(r, c)
-                tiles.append(Tile(len(tiles) % devices, r, c, ir, ic))
-        blocks.append(Block(a, b, f"{a}-{b}", geom.in_chw, geom.out_chw, tiles))
-    plan = Plan(mg.spec.name, mg.spec.input_chw, "split", "test",
-                [f"d{i}" for i in range(devices)], blocks)
-    plan.validate(devices)
-    return plan
+split_plan = grid_plan  # blocks cut into grids, tiles dealt round-robin (se_models.py)
 
 
 def spatial_reference(mg, x: torch.Tensor) -> torch.Tensor:
