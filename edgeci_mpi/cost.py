@@ -25,16 +25,15 @@ the same device model as arrays, for AWAS bids.
 """
 from __future__ import annotations
 
-from bisect import bisect_right
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .flows import BlockFlow, Piece, Transfer, contains, meet, plan_flows
 from .geometry import Interval
 from .plan import Block, Plan
-from .synccost import block_ends
+from .timeline import Move, Timeline, contention, pair_time, timeline
 from .units import BlockGeom
 
 #: ``Cluster.network``: one medium for every transfer, or a full-duplex link per device.
@@ -125,20 +124,6 @@ class DeviceArrays:
 Item = tuple[int, float, float, float]  # (device, work, input bytes, output bytes) of a tile
 
 
-def contention(cluster: Cluster, devices) -> dict[int, float]:
-    """Slow-down of each of ``devices`` computing at once: ranks of one host share its cores,
-    so ``a`` of them active on a host with ``host_slots`` full-speed slots each run
-    ``max(1, a / host_slots)`` times slower (4 ranks on 2 cores: 2x while all compute, 1x for a
-    block only the coordinator runs)."""
-    devs = cluster.devices
-    active: dict[str, int] = {}
-    for d in set(devices):
-        if devs[d].host_slots > 0:
-            active[devs[d].host] = active.get(devs[d].host, 0) + 1
-    return {d: max(1.0, active[devs[d].host] / devs[d].host_slots) if devs[d].host_slots > 0
-            else 1.0 for d in set(devices)}
-
-
 def tile_times(geom: BlockGeom, dev: Device, is_coordinator: bool, rows: Interval,
                cols: Interval, slowdown: float = 1.0) -> tuple[float, float, float, float]:
     """(work, send_s, compute_s, recv_s) of one tile on one device."""
@@ -155,215 +140,6 @@ def block_items(block: Block, bytes_per_element: int) -> list[Item]:
     ci, co = block.in_chw[0], block.out_chw[0]
     return [(t.device, t.flops, ci * t.in_hw[0] * t.in_hw[1] * bytes_per_element,
              co * t.out_hw[0] * t.out_hw[1] * bytes_per_element) for t in block.tiles]
-
-
-# --- the schedule of one block, on either network -----------------------------------------------
-
-def pair_time(devs: Sequence[Device], src: int, dst: int, nbytes: float) -> float:
-    """One message between ``src`` and ``dst``: the slower end's latency and bandwidth (the
-    coordinator's own link figures are never used, so a star transfer costs exactly the
-    device's ``link_time``)."""
-    if nbytes <= 0:
-        return 0.0
-    if src == 0:
-        return devs[dst].link_time(nbytes)
-    if dst == 0:
-        return devs[src].link_time(nbytes)
-    a, b = devs[src], devs[dst]
-    return max(a.latency_s, b.latency_s) + nbytes / min(a.bandwidth_Bps, b.bandwidth_Bps)
-
-
-class _Links:
-    """Busy intervals of the links: one medium (``shared``) or every device's send and receive
-    side (``switched``, full duplex).  A transfer goes into the earliest gap, at or after it
-    is ready, that every link it uses has free (list scheduling with insertion: halos of
-    different pairs run at once instead of queueing behind each other's ports)."""
-
-    def __init__(self, network: str):
-        self.shared = network == "shared"
-        self.lanes: dict = {}     # link side -> (starts, ends), sorted, touching ones merged
-        self.busy: dict = {}
-
-    def place(self, src: int, dst: int, ready: float, dur: float) -> float:
-        """Schedule one transfer; returns when it has arrived."""
-        if dur <= 0:
-            return ready
-        get = self.lanes.get
-        if self.shared:
-            keys = ("medium",)
-        else:
-            keys = (("out", src), ("in", dst))
-        lanes = [get(k) or self.lanes.setdefault(k, ([], [])) for k in keys]
-        t = ready
-        if any(en and en[-1] > t for _, en in lanes):   # else: after everything, no search
-            moved = True
-            while moved:
-                moved = False
-                for st, en in lanes:
-                    if st and en[-1] > t:
-                        i = bisect_right(en, t)  # the first busy interval still running at t
-                        if st[i] < t + dur:
-                            t, moved = en[i], True
-        end = t + dur
-        busy = self.busy
-        for k, (st, en) in zip(keys, lanes):
-            busy[k] = busy.get(k, 0.0) + dur
-            if not st or t >= en[-1]:   # at the end of the lane: extend or append
-                if st and en[-1] == t:
-                    en[-1] = end
-                else:
-                    st.append(t)
-                    en.append(end)
-                continue
-            a, b = t, end
-            i = bisect_right(st, a)
-            if i > 0 and en[i - 1] >= a:  # touches the previous interval: one busy stretch
-                i -= 1
-                a, b = st[i], max(b, en[i])
-                del st[i], en[i]
-            if i < len(st) and st[i] <= b:
-                b = max(b, en[i])
-                del st[i], en[i]
-            st.insert(i, a)
-            en.insert(i, b)
-        return end
-
-    def max_busy(self) -> float:
-        return max(self.busy.values(), default=0.0)
-
-
-@dataclass
-class Timeline:
-    """One block as :func:`schedule_flow` lays it out (seconds from the block's start)."""
-
-    arrive: list[float]    # per tile: when its input region is ready on its device
-    end: list[float]       # per tile: when its compute ends
-    finish: float          # the block is done: every tile computed and every output gathered
-    link_busy: float       # the medium (shared) or the busiest link side (switched)
-    moves_in: list[float] = field(default_factory=list)   # collect + inputs: when each arrived
-    moves_out: list[float] = field(default_factory=list)  # outputs, in flow order
-
-
-class Move(NamedTuple):
-    """A priced transfer: ``deps`` are the tiles that wait for it (inputs) or whose end it
-    waits for (outputs); ``sliced``: the sender copies it out of a larger piece first."""
-
-    src: int
-    dst: int
-    nbytes: float
-    deps: tuple[int, ...]
-    sliced: bool = False
-
-
-def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Sequence[Move],
-             outputs: Sequence[Move] = (), collect: Sequence[Move] = (), *, star: bool,
-             slice_bytes: float = 0.0, collect_bytes: float = 0.0, stitch_bytes: float = 0.0,
-             assemble: Sequence[float] | None = None,
-             ends: dict[int, float] | None = None,
-             syncs: Sequence[Sequence[float]] = ()) -> Timeline:
-    """The one timing model of a block (planners, simulator and emulation all call it, through
-    :func:`schedule` and :func:`schedule_flow`).
-
-    1. ``collect`` (star after a device-to-device block): the pieces rank 0 lacks arrive, then
-       rank 0 writes them into its map (``collect_bytes``);
-    2. slicing: star - rank 0 slices every remote region out of its map (``slice_bytes``)
-       before its first send or its own tile; device to device - every sender copies the
-       pieces it sends out of its held tiles (``Move.sliced``), one after another;
-    3. the input transfers, in the order given, each into the earliest gap of the links it
-       uses (the medium, or the sender's and the receiver's link sides); in the star that is
-       rank 0's sending side, one behind another;
-    4. each device computes its tiles in turn (slowed by :func:`contention`), each once all
-       of its inputs have arrived and been assembled (``assemble``: bytes copied into the
-       tile's input buffer); ``ends`` replaces modelled ends by measured ones (emulation);
-    5. the outputs, in the order their tiles finish (the star: on rank 0's receiving side,
-       after the scatter on a shared medium), then rank 0 stitches ``stitch_bytes``.
-
-    With ``syncs`` (``Block.syncs``: squeeze-excitation pools inside the block) step 4 runs in
-    segments that every device finishes before a small message round
-    (``synccost.synced_ends``).
-
-    A block is done when every tile is computed and every output has arrived."""
-    devs = cluster.devices
-    links = _Links(cluster.network)
-    copy = [d.copy_s_per_byte for d in devs]
-    slow = contention(cluster, [d for d, _ in tiles])
-    moves_in = []
-    start = 0.0
-    for m in collect:
-        moves_in.append(links.place(m.src, m.dst, 0.0, pair_time(devs, m.src, m.dst, m.nbytes)))
-        start = max(start, moves_in[-1])
-    if collect:
-        start += collect_bytes * copy[0]
-    free: dict[int, float] = {}
-    need = [0.0] * len(tiles)
-    if star:  # rank 0's sending side (or the medium, free after the collect) in turn
-        start += slice_bytes * copy[0]
-        free[0] = lane = start
-        for m in inputs:
-            if m.nbytes > 0:
-                lane += devs[m.dst].link_time(m.nbytes)
-            moves_in.append(lane)
-            for k in m.deps:
-                if lane > need[k]:
-                    need[k] = lane
-        scatter = lane - start
-    else:
-        for m in inputs:
-            ready = free.get(m.src, 0.0)
-            if m.sliced and copy[m.src]:
-                ready += m.nbytes * copy[m.src]
-                free[m.src] = ready
-            moves_in.append(links.place(m.src, m.dst, ready,
-                                        pair_time(devs, m.src, m.dst, m.nbytes)))
-            for k in m.deps:
-                need[k] = max(need[k], moves_in[-1])
-    arrive, end = [], []
-    free_before = dict(free)
-    for k, (d, work) in enumerate(tiles):
-        a = need[k]
-        f = free.get(d, 0.0)
-        if f > a:
-            a = f
-        if star and d == 0 and start > a:
-            a = start
-        if assemble is not None and assemble[k]:
-            a += assemble[k] * copy[d]
-        arrive.append(a)
-        e = ends[k] if ends is not None and k in ends else \
-            a + devs[d].compute_time(work) * slow[d]
-        free[d] = e
-        end.append(e)
-    if syncs and ends is None:  # squeeze-excitation pools: every device meets at each
-        end = block_ends(cluster, tiles, need, start if star else 0.0, slow, assemble,
-                         free_before, syncs) or end
-    finish = max(end, default=start)
-    moves_out = [0.0] * len(outputs)
-    ready = [end[m.deps[0]] if len(m.deps) == 1 else max((end[k] for k in m.deps), default=0.0)
-             for m in outputs]
-    order = sorted(range(len(outputs)), key=lambda i: ready[i])
-    if star:  # rank 0's receiving side in turn: on a shared medium after the scatter
-        shared = cluster.network == "shared"
-        lane = moves_in[-1] if shared and inputs else max(moves_in[:len(collect)], default=0.0)
-        gather = 0.0
-        for i in order:
-            m = outputs[i]
-            t = devs[m.src].link_time(m.nbytes)
-            r = ready[i]
-            lane = (lane if lane > r else r) + t
-            gather += t
-            moves_out[i] = lane
-        if moves_out and max(moves_out) > finish:
-            finish = max(moves_out)
-        finish += stitch_bytes * copy[0]
-        busy = links.max_busy() + scatter + gather if shared else \
-            max(links.max_busy(), scatter, links.busy.get(("in", 0), 0.0) + gather)
-        return Timeline(arrive, end, finish, busy, moves_in, moves_out)
-    for i in order:
-        m = outputs[i]
-        moves_out[i] = links.place(m.src, m.dst, ready[i], pair_time(devs, m.src, m.dst, m.nbytes))
-        finish = max(finish, moves_out[i])
-    finish += stitch_bytes * copy[0]
-    return Timeline(arrive, end, finish, links.max_busy(), moves_in, moves_out)
 
 
 def whole_on_coordinator(cluster: Cluster, items: list[Item]) -> bool:

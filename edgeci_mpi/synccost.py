@@ -4,7 +4,7 @@ A block with syncs runs in segments: every device computes its tiles up to the n
 sends its partial sum to the block's *root* (its lowest device), the root adds them and sends
 the total back, and every device goes on.  So every device waits for the slowest at every
 sync, and each sync costs one small message round.  :func:`synced_ends` re-times the tiles of
-a block laid out by ``cost.timeline`` under that rule:
+a block laid out by ``timeline.timeline`` under that rule:
 
 * segment ``s`` of a tile is the share ``f_s - f_{s-1}`` of its compute (``Block.syncs``: the
   share of the block's work before each sync, from its whole-map work), its first segment
@@ -96,7 +96,7 @@ def synced_ends(cluster, devices: Sequence[int], ready: Sequence[float],
 def block_ends(cluster, tiles: Sequence[tuple[int, float]], need: Sequence[float],
                start: float, slow: dict[int, float], assemble: Sequence[float] | None,
                free: dict[int, float], syncs: Sequence[Sequence[float]]) -> list[float] | None:
-    """:func:`synced_ends` for ``cost.timeline``'s tiles ``(device, work)``: each tile ready
+    """:func:`synced_ends` for ``timeline.timeline``'s tiles ``(device, work)``: each tile ready
     when its input is in (``need``; rank 0's own not before the star's ``start``), computing
     for its device's time (slowed by contention) plus assembling its input."""
     devs = cluster.devices

@@ -237,8 +237,14 @@ class Liveness(threading.Thread):
         self.in_setup = False
 
     def limit_for(self, p: int) -> float:
-        """How long peer ``p`` may be silent: longer while it is still setting up."""
-        return self.setup_limit_s if self.peer_setup[p] else self.limit_s
+        """How long peer ``p`` may be silent: longer while it is still setting up.
+
+        Only until this rank is done setting up itself: every rank gets there after the same
+        collectives (the capability reports, the plan), so its peers are past their long calls
+        too - although a peer's last beat may still say SETUP (it beats every ``BEAT_S``, and
+        a small image runs in far less: a peer frozen right after its first images would
+        otherwise be held to the set-up limit)."""
+        return self.setup_limit_s if self.in_setup and self.peer_setup[p] else self.limit_s
 
     def _flag(self) -> None:
         if self.flagged_at is None:
@@ -359,7 +365,8 @@ class Liveness(threading.Thread):
             msg = f"{who}: stopped by {Stopped(sig).name} while rank 0 was waiting for {what}"
         else:
             limit = (f"still setting up: limit {self.setup_limit_s:g} s"
-                     if all(self.peer_setup[r] for r in ranks) else f"--liveness {self.limit_s:g}")
+                     if all(self.limit_for(r) > self.limit_s for r in ranks)
+                     else f"--liveness {self.limit_s:g}")
             msg = (f"{who}: silent for {silent_s:.1f} s (no heartbeat; {limit}) while waiting "
                    f"for {what}")
             if self.rank == 0 and len(ranks) == len(self.peers) > 1:
