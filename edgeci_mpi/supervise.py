@@ -181,9 +181,13 @@ class RankWatch(threading.Thread):
 
 
 def lost_message(lost: Lost, table: dict[tuple[str, int], int],
-                 first: tuple[int, int] | None) -> str:
+                 first: tuple[int, int] | None, code: int | None = None) -> str:
     """One line naming the lost rank: the first of this machine's ranks to end, else the
-    process mpiexec named (found in the rank table, or by PID alone)."""
+    process mpiexec named (found in the rank table, or by PID alone).  A process that is no
+    rank this launch knows (it ended before it could say which rank it is, or mpiexec's own
+    clean-up killed it after another ended first) is not called the lost rank: the job ended
+    without a word from the ranks (``code``: mpiexec's exit code), and mpiexec's report
+    follows."""
     host, pid, rank = lost.host, lost.pid, lost.rank
     if rank is None and first is not None:
         rank, pid = first
@@ -193,8 +197,6 @@ def lost_message(lost: Lost, table: dict[tuple[str, int], int],
         if rank is None:  # mpiexec names the host as the hostfile does ('localhost')
             same_pid = [r for (_, p), r in table.items() if p == lost.pid]
             rank = same_pid[0] if len(same_pid) == 1 else None
-    who = f"rank {rank} ({host}, pid {pid})" if rank is not None else \
-        f"a rank (pid {pid} on {host})"
     how = ""
     if lost.code is not None:
         try:
@@ -202,7 +204,10 @@ def lost_message(lost: Lost, table: dict[tuple[str, int], int],
                 if 0 < lost.code < 64 else f" (exit code {lost.code})"
         except ValueError:
             how = f" (exit code {lost.code})"
-    return f"{PROG}: error: {who} was lost{how}; mpiexec ended the job"
+    if rank is None:
+        return silent_ending(code if code is not None else 1, None) + \
+            f"; mpiexec says: process {pid} on {host} ended{how}"
+    return f"{PROG}: error: rank {rank} ({host}, pid {pid}) was lost{how}; mpiexec ended the job"
 
 
 @dataclass
@@ -289,7 +294,7 @@ def run_job(plan, control: Control, results: str | None = None) -> Ending:
     lost = list(filt.lost_ranks)
     if filt.lost is not None and not filt.error_seen:
         table = read_rank_table(plan.env[RANK_TABLE_ENV])
-        msg = lost_message(filt.lost, table, watch.first)
+        msg = lost_message(filt.lost, table, watch.first, code)
         print(msg, file=sys.stderr, flush=True)
         m = re.search(r"error: rank (\d+) ", msg)
         lost = [int(m.group(1))] if m else []

@@ -167,6 +167,11 @@ def test_mpich_bad_termination_becomes_one_line():
         "edgeci-mpi: error: rank 2 (vm, pid 31800) was lost (killed by signal 9: SIGKILL); " \
         "mpiexec ended the job"
     assert "rank 0 (vm, pid 31798)" in L.lost_message(f.lost, table, None)
+    # a process no rank table names (it ended before it said which rank it is; mpiexec's
+    # clean-up SIGKILLed the others) is not blamed as "the lost rank"
+    assert L.lost_message(f.lost, {}, None, 9) == \
+        "edgeci-mpi: error: mpiexec ended the job (exit code 9) without a word from the " \
+        "ranks; mpiexec says: process 31798 on vm ended (killed by signal 9: SIGKILL)"
 
 
 def test_openmpi_lost_rank_line():

@@ -84,7 +84,7 @@ def test_verify_full_size(model, ranks, cache_dir, tmp_path):
 
 # --- failures end every rank fast --------------------------------------------------------------
 
-@pytest.mark.parametrize("where", ["2:3", "0:1", "1:0"])
+@pytest.mark.parametrize("where", ["2:3", "0:1"])  # "1:0": test_injected_failure_by_env_var
 def test_injected_failure_ends_all_ranks_fast(where, cache_dir):
     rank = where.split(":")[0]
     r = launch(4, "--model", "resnet34", "--input", "3x64x64", "--strategy", "all",

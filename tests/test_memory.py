@@ -165,6 +165,23 @@ def test_plan_memory_counts_weights_and_the_largest_tile():
         assert 0 < needs[d].working < needs[0].working
 
 
+def test_a_worker_in_one_block_needs_every_units_weights():
+    # what runtime.build holds on a worker (re-planning may move any block to it), not only
+    # the units of the blocks its first plan gives it
+    from edgeci_mpi.plan import Plan
+
+    spec, cluster = spec_and_cluster([0, 0, 0])
+    plan = make_plan(spec, cluster, "modnn")
+    first = plan.blocks[0]
+    only = Plan.from_json(plan.to_json())
+    only.blocks = [replace(b, tiles=[replace(t, device=2 if k == 0 and t.device == 2 else 0)
+                                     for t in b.tiles]) for k, b in enumerate(only.blocks)]
+    assert {t.device for t in only.blocks[0].tiles} >= {2} and first.stop < len(spec.units)
+    needs = plan_memory(spec, only, 3)
+    assert needs[2].weights == sum(u.weight_bytes for u in spec.units)
+    assert needs[1].weights == 0  # no tile: nothing counted
+
+
 def test_a_worker_without_memory_for_its_part_gets_no_tiles():
     spec, cluster = spec_and_cluster([0, 0, 0])
     free = make_plan(spec, cluster, "modnn")

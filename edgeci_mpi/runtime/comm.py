@@ -44,6 +44,7 @@ except ImportError as e:  # pragma: no cover - mpi4py is a hard dependency
 
 from .failure import EXIT_ABORT, Stopped, say
 from .liveness import DEFAULT_LIVENESS_S, Liveness, UdpChannel
+from .mpistart import STDIO_DRAIN_S
 
 # Every tag the runtime uses.  On the data communicator: 0 is the ping-pong of the capability
 # probe, tile messages use ``tile_tag`` (>= 1).  Control tags on the world communicator:
@@ -202,6 +203,7 @@ class Comm:
         longer than ``ABORT_GRACE_S``: with a peer's host unreachable, the abort can wait on
         it, and this process must end regardless (peers it cannot reach notice the silence)."""
         _exit_later(ABORT_GRACE_S, code)
+        time.sleep(STDIO_DRAIN_S)  # this rank's line reaches mpiexec before the abort
         self.world.Abort(code)
         self.exit_now(code)
 

@@ -41,6 +41,10 @@ import time
 #: a few seconds of its process starting (ssh to each host, Python on a slow CPU share), so
 #: this is the start-up spread with a wide margin.
 INIT_DEADLINE_S = 30.0
+#: How long a rank that prints its one line waits before ``MPI_Abort``: the abort ends every
+#: process at once, and a line still in the process manager's forwarding pipe was seen lost
+#: (the job then ended "without a word from the ranks").
+STDIO_DRAIN_S = 0.3
 PM_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
@@ -151,6 +155,7 @@ def install_excepthook(MPI) -> None:
         finally:
             code = 130 if issubclass(kind, KeyboardInterrupt) else 1
             if MPI.COMM_WORLD.Get_size() > 1:
+                time.sleep(STDIO_DRAIN_S)  # the line reaches mpiexec before the abort ends all
                 MPI.COMM_WORLD.Abort(code)
             os._exit(code)
 

@@ -3,9 +3,10 @@
 
 What a device needs for a plan (:func:`plan_memory`):
 
-* **weights**: the coordinator holds the whole model (every unit and the head); a worker the
-  weights of the units of every block in which it has a tile, and its rows of any head layer
-  split across devices (``headsplit``);
+* **weights**: the coordinator holds the whole model (every unit and the head); a worker with
+  any tile every unit's weights - what ``runtime.build`` builds on it, since straggler
+  re-planning may move any block's work to any device - and its rows of any head layer split
+  across devices (``headsplit``), never the rest of the head;
 * **working set**: its largest tile - the tile's input region and output, plus the largest
   input and output of one unit on the way (what a fused block holds at once); the coordinator
   also holds a whole input and output map of the largest block it stitches.
@@ -68,10 +69,9 @@ def plan_memory(spec: ModelSpec, plan: Plan, devices: int) -> list[Need]:
     weights = [0] * devices
     working = [0] * devices
     weights[0] = sum(unit_w) + spec.head_weight_bytes
+    for d in {t.device for b in plan.blocks for t in b.tiles} - {0}:
+        weights[d] = sum(unit_w)  # every unit: what the worker's build holds
     for b in plan.blocks:
-        block_w = sum(unit_w[b.start:b.stop])
-        for d in set(t.device for t in b.tiles) - {0}:
-            weights[d] += block_w
         for t in b.tiles:
             working[t.device] = max(working[t.device], tile_working_bytes(spec, b, t))
         maps = (_numel(b.in_chw) + _numel(b.out_chw)) * spec.bytes_per_element
