@@ -156,7 +156,8 @@ def start(a, tmp: Path, run_args: list[str], launch: list[str] | None = None,
     results = tmp / "results.jsonl"
     run = ["run", "--model", a.model, "--input", a.input, "--strategy", "edgeci",
            "--warmup", "0", "--results", str(results), *run_args]
-    tb = ["run", "--hosts", str(hosts), "--mbit", str(a.mbit), "--cache-dir", str(CACHE)]
+    tb = ["run", "--hosts", str(hosts), "--mbit", str(a.mbit), "--cache-dir", str(CACHE),
+          *(["--cpus", a.cpus] if a.cpus else [])]
     if launch is None:
         cmd = [*tb, "--", sys.executable, "-m", "edgeci_mpi", *run]
     else:
@@ -525,7 +526,9 @@ def case_replans(a, rng) -> None:
         after = [x["after_image"] for x in r["replans"]]
         gaps = {f"{b['rank']}<-{p}": v["max_gap_s"] for b in r["beats"]
                 for p, v in b["peers"].items()}
-        line = (f"  {label}: {len(after)} re-plans (after images {after[:12]}"
+        work = ", ".join(f"rank {d} {v:.0%}" for d, v in sorted(r["share"].items()) if d)
+        line = (f"  {label} (last plan: workers {work or 'nothing'}): {len(after)} re-plans "
+                f"(after images {after[:12]}"
                 f"{' ...' if len(after) > 12 else ''}); median latency "
                 f"{statistics.median(r['latency']) * 1e3:.1f} ms; longest heartbeat gap "
                 f"{max(gaps.values(), default=0):.2f} s (liveness limit 5 s)")
@@ -565,6 +568,8 @@ def main() -> int:
     ap.add_argument("--model", default="resnet34")
     ap.add_argument("--input", default="3x64x64")
     ap.add_argument("--mbit", type=float, default=100.0)
+    ap.add_argument("--cpus", default=None, metavar="LIST",
+                    help="the testbed hosts' CPU quotas (e.g. 0.8,0.4,0.2; default: none)")
     ap.add_argument("--after-min", type=int, default=3)
     ap.add_argument("--after-max", type=int, default=20)
     ap.add_argument("--heal-images", type=int, default=120)

@@ -1,10 +1,12 @@
-"""Capability reports' pure parts: fits and the drift check on a cached calibration."""
+"""Capability reports' pure parts: fits, the drift check on a cached calibration, the check of a
+cached link."""
 from __future__ import annotations
 
 from dataclasses import asdict
 
 import pytest
 
+from edgeci_mpi.runtime import linkprobe as P
 from edgeci_mpi.runtime.profcache import DRIFT_TOLERANCE, redrift
 from edgeci_mpi.runtime.profile import fit_nonneg
 from edgeci_mpi.units import Calibration
@@ -45,3 +47,41 @@ def test_fit_nonneg_never_returns_a_negative_cost():
     assert a >= 0 and b >= 0
     a, b = fit_nonneg([1.0, 2.0, 4.0], [2.0, 3.0, 5.0])
     assert a == pytest.approx(1.0) and b == pytest.approx(1.0)
+
+
+# --- a cached link checked at start: rank 0's side of the probe against a simulated link ------
+
+class LinkComm:
+    """Rank 0's side of the link probe over a simulated link: a ping of ``n`` bytes comes back
+    after twice ``latency + n / bandwidth`` (the clock is advanced, nothing sleeps)."""
+
+    def __init__(self, latency: float, bandwidth: float, monkeypatch):
+        self.latency, self.bandwidth, self.now = latency, bandwidth, 0.0
+        self.sizes: list[int] = []
+        self.late = False
+        monkeypatch.setattr(P.time, "perf_counter", lambda: self.now)
+
+    def send_control(self, obj, dest, tag, what):
+        self.late = isinstance(obj, int) and obj == -1  # the late pong: computes first
+        if isinstance(obj, int) and obj > 0:
+            self.sizes.append(obj)
+
+    def send_bytes(self, buf, peer):
+        self.now += self.latency + buf.nbytes / self.bandwidth
+
+    def recv_bytes(self, buf, peer):
+        self.now += self.latency + buf.nbytes / self.bandwidth + P.LATE_PONG_S * self.late
+
+
+def test_a_cached_link_that_still_holds_keeps_its_bandwidth(monkeypatch):
+    comm = LinkComm(2e-4, 12.5e6, monkeypatch)  # 100 Mbit/s
+    latency, bandwidth, cached = P._fresh_link(comm, 1, (1e-3, 12.0e6))
+    assert cached and bandwidth == 12.0e6 and latency == pytest.approx(2e-4 + 8 / 12.5e6)
+    assert comm.sizes == [8, P.CHECK_PING_BYTES]  # two pings, not the whole probe
+
+
+def test_a_cached_link_ten_times_off_is_measured_again(monkeypatch):
+    comm = LinkComm(2e-4, 125e6, monkeypatch)  # now gigabit; the cache says 100 Mbit/s
+    latency, bandwidth, cached = P._fresh_link(comm, 1, (2e-4, 12.5e6))
+    assert not cached and bandwidth == pytest.approx(125e6, rel=1e-6)
+    assert comm.sizes[2:] == list(P.PING_SIZES)  # the whole probe again

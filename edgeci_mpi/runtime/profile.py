@@ -12,11 +12,7 @@ own whole-map unit times to the coordinator host's, times that reference (fitted
 The head is timed whole, and so are the per-call overhead of a block (``block_call_s``) and
 the coordinator's slicing/stitching of regions per byte (``copy_s_per_byte``).
 
-Link: a ping-pong between rank 0 and each other rank in turn at 8 B .. 4 MiB; the best round
-trip halved is the one-way time, fitted to ``t = latency + bytes / bandwidth``
-(``cost.Device.link_time``).  The latency is at least that of a *late* pong (the peer answers
-after 3 ms of compute): a tile's output comes back while rank 0 waits quietly, and waking from
-that wait is part of every transfer's cost.
+Links: ``runtime.linkprobe`` (a ping-pong between rank 0 and each other rank in turn).
 
 Oversubscription (more ranks x threads on a host than it has cores, as in CI: 4 ranks on 2
 cores) makes concurrent measurements meaningless, so **one rank per host measures, alone**,
@@ -32,7 +28,9 @@ Cache: ``$EDGECI_CACHE_DIR`` or ``~/.cache/edgeci_mpi/``, one JSON file per host
 count, written atomically by the host's measuring rank: the generic figures, the unit
 calibration per (model, input), and link figures in rank 0's host file, per peer host.
 ``--reprofile`` ignores and rewrites them.  A cached unit calibration is checked at every
-start against one fresh whole-map timing of each unit and rescaled for drift (``profcache.redrift``).
+start against one fresh whole-map timing of each unit and rescaled for drift (``profcache.redrift``);
+a cached link's latency is measured again and its bandwidth checked with two pings
+(``linkprobe._fresh_link``).
 """
 from __future__ import annotations
 
@@ -50,16 +48,11 @@ from ..cost import Device
 
 from ..geometry import split_even
 from ..units import Calibration
-from .comm import TAG_LINK, TAG_PING_SIZE, TAG_PROBE_ASK
+from .linkprobe import fit_line, probe_links
 from .profcache import load_cache, redrift, save_cache
 
 #: (channels, map size) of the conv micro-benchmark: 3x3 conv, C -> C, stride 1, padding 1.
 CONV_SIZES = ((32, 28), (32, 56), (64, 40), (64, 56))
-PING_SIZES = (8, 64 * 1024, 1024 * 1024, 4 * 1024 * 1024)
-SLOW_LINK_PING_S = 0.25  # stop growing the pings once one takes this long one way
-#: The late pong: the peer answers after this much compute, so rank 0 is already in its quiet
-#: (sleeping) wait - as it is for every tile - and the latency includes waking up from it.
-LATE_PONG_S = 3e-3
 #: Row strips a unit is timed on: the whole map, the middle strip of 2 and of 4.
 CALIBRATION_SPLITS = (1, 2, 4)
 #: Under a CPU quota every timing is a mean over this long (several 10 ms quota periods).
@@ -97,17 +90,6 @@ class Report:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least squares ``y = a * x + b`` with ``a > 0`` and ``b >= 0`` (clamped)."""
-    x, y = np.asarray(xs, float), np.asarray(ys, float)
-    a, b = np.polyfit(x, y, 1) if len(x) > 1 else (y[0] / x[0], 0.0)
-    if a <= 0:  # noise: fall back to the throughput of the largest point
-        a, b = y[-1] / x[-1], 0.0
-    if b < 0:
-        a, b = float(np.dot(x, y) / np.dot(x, x)), 0.0
-    return float(a), float(b)
 
 
 def fit_nonneg(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -320,7 +302,7 @@ def gather_reports(comm, mg=None, model_key: str = "", reprofile: bool = False
     if leader:  # the host's first rank measures alone while the others wait quietly
         compute = _host_compute(cache, mg, model_key, reprofile, coordinator_host)
     compute = comm.host_bcast(compute, "the host's compute benchmark")
-    lat, bw, link_cached = _links(comm, peers, cache, reprofile)
+    lat, bw, link_cached = probe_links(comm, peers, cache, reprofile)
     if leader:
         save_cache(comm.host, threads, cache)
     model = compute.get("model") or {}
@@ -384,94 +366,4 @@ def calibrated(reports: list[Report]) -> tuple[list[Device], Calibration | None]
         devices.append(dev)
     return devices, cal
 
-
-def _links(comm, peers: list[str], cache: dict, reprofile: bool) -> tuple[float, float, bool]:
-    """Rank 0 pings each other rank in turn (or uses its cached bandwidth for that host and
-    measures only the latency again)."""
-    if comm.rank != 0:
-        if comm.recv_control(0, TAG_PROBE_ASK, "rank 0's link probe"):
-            _ping_pong_peer(comm)
-        return tuple(comm.recv_control(0, TAG_LINK, "link figures"))  # type: ignore[return-value]
-    links = cache.setdefault("links", {})
-    results = [(0.0, float("inf"), False)]
-    for r in range(1, comm.size):
-        known = None if reprofile else links.get(peers[r])
-        comm.send_control(True, r, TAG_PROBE_ASK, f"rank {r} to take the probe")
-        if known is None:
-            known = _ping_pong_root(comm, r)
-            links[peers[r]] = known
-            results.append((known[0], known[1], False))
-        else:  # the bandwidth from the cache, the latency of this moment
-            results.append((_fresh_latency(comm, r), known[1], True))
-    for r in range(1, comm.size):
-        comm.send_control(results[r], r, TAG_LINK, f"rank {r} to take its link figures")
-    return results[0]
-
-
-def _ping_pong_root(comm, peer: int, repeats: int = 3) -> tuple[float, float]:
-    """(latency, bandwidth) of the link to ``peer``: bandwidth from the slope of a line fitted
-    to the one-way times of every size, latency from the smallest ping (the fit's intercept
-    is swamped by the noise of the MiB-sized pings).  Rank 0 names each size before sending
-    it, and stops early on a slow link (a 1 MiB ping over 0.25 s: the 4 MiB one would add
-    seconds and no accuracy)."""
-    sizes, one_way = [], []
-    for n in PING_SIZES:
-        if one_way and one_way[-1] > SLOW_LINK_PING_S:
-            break
-        comm.send_control(n, peer, TAG_PING_SIZE, f"rank {peer} to take the ping size")
-        buf = np.zeros(n, np.uint8)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            comm.send_bytes(buf, peer)
-            comm.recv_bytes(buf, peer)
-            best = min(best, (time.perf_counter() - t0) / 2)
-        sizes.append(float(n))
-        one_way.append(best)
-    a, _ = fit_line(sizes, one_way)
-    latency = max(0.0, one_way[0] - sizes[0] * a)
-    late = _late_latency(comm, peer, repeats)
-    comm.send_control(0, peer, TAG_PING_SIZE, f"rank {peer} to end the probe")
-    return max(latency, late), 1.0 / a
-
-
-def _late_latency(comm, peer: int, repeats: int = 3) -> float:
-    """One-way time of a reply that comes while rank 0 is already waiting quietly (median)."""
-    late = []
-    for _ in range(repeats):
-        comm.send_control(-1, peer, TAG_PING_SIZE, f"rank {peer} to take the late ping")
-        buf = np.zeros(8, np.uint8)
-        t0 = time.perf_counter()
-        comm.send_bytes(buf, peer)
-        comm.recv_bytes(buf, peer)
-        late.append(max(0.0, (time.perf_counter() - t0 - LATE_PONG_S) / 2))
-    return statistics.median(late)
-
-
-def _fresh_latency(comm, peer: int) -> float:
-    """The latency alone, measured now: a cached link's bandwidth holds, but its latency was
-    measured at one moment (a cache written while the machine was loaded said 17.8 ms for a
-    0.26 ms link, and the planners then kept everything on rank 0).  A few milliseconds."""
-    late = _late_latency(comm, peer)
-    comm.send_control(0, peer, TAG_PING_SIZE, f"rank {peer} to end the probe")
-    return late
-
-
-def _ping_pong_peer(comm, repeats: int = 3) -> None:
-    while True:
-        n = comm.recv_control(0, TAG_PING_SIZE, "rank 0's next ping size")
-        if n == 0:
-            return
-        if n < 0:  # the late pong: answer after a block's worth of compute
-            buf = np.zeros(8, np.uint8)
-            comm.recv_bytes(buf, 0)
-            end = time.perf_counter() + LATE_PONG_S
-            while time.perf_counter() < end:
-                pass
-            comm.send_bytes(buf, 0)
-            continue
-        buf = np.zeros(n, np.uint8)
-        for _ in range(repeats):
-            comm.recv_bytes(buf, 0)
-            comm.send_bytes(buf, 0)
 
