@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections import defaultdict, deque
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,17 @@ def fast_beats(monkeypatch):
     monkeypatch.delenv("EDGECI_LIVENESS_LOG", raising=False)
 
 
+@contextmanager
+def beating(n: int, limit: float = 0.6, forced=None, setting_up=()):
+    """:func:`cluster_of_beats`, every thread halted at the end."""
+    net, lives = cluster_of_beats(n, limit, forced, setting_up)
+    try:
+        yield net, lives
+    finally:
+        for live in lives:
+            live.halt()
+
+
 def cluster_of_beats(n: int, limit: float = 0.6, forced=None, setting_up=()):
     """``n`` ranks beating on a :class:`FakeNet`, running images except those in
     ``setting_up`` (still building: their beats say SETUP)."""
@@ -124,8 +136,7 @@ def cluster_of_beats(n: int, limit: float = 0.6, forced=None, setting_up=()):
 
 
 def test_live_peers_are_never_lost_and_a_cut_link_is_within_the_limit(fast_beats):
-    net, lives = cluster_of_beats(3)
-    try:
+    with beating(3) as (net, lives):
         time.sleep(1.5)  # 2.5 x the limit: every beat arrives, nobody is lost
         assert all(live.lost is None for live in lives)
         assert all(live.max_gap[p] < 0.6 for live in lives for p in live.peers)
@@ -141,17 +152,13 @@ def test_live_peers_are_never_lost_and_a_cut_link_is_within_the_limit(fast_beats
         assert "while waiting for block 3 (layer2.0) tiles from ranks 1,2" in str(err)
         assert L.lost_ranks_in(f"edgeci-mpi: error on rank 0 (h0): {err}") == [2]
         assert str(lives[2].describe("the next command")).startswith("lost rank 0 (h0)")
-    finally:
-        for live in lives:
-            live.halt()
 
 
 def test_a_peer_still_setting_up_has_the_longer_limit(fast_beats, monkeypatch):
     # a rank building a model may hold the GIL for seconds (its beats stop): while its last
     # beat said SETUP it is lost only after SETUP_LIVENESS_S, not the --liveness limit
     monkeypatch.setattr(LV, "SETUP_LIVENESS_S", 2.0)
-    net, lives = cluster_of_beats(2, limit=0.3, setting_up=(0, 1))
-    try:
+    with beating(2, limit=0.3, setting_up=(0, 1)) as (net, lives):
         assert eventually(lambda: lives[0].beats_in[1] > 2 and lives[1].beats_in[0] > 2)
         assert lives[0].peer_setup == {1: True} and lives[1].peer_setup == {0: True}
         net.cut(0, 1)
@@ -161,9 +168,6 @@ def test_a_peer_still_setting_up_has_the_longer_limit(fast_beats, monkeypatch):
         msg = str(lives[0].describe("every rank to build the model"))
         assert msg.startswith("lost rank 1 (h1): silent for ") and \
             "still setting up: limit 2 s" in msg, msg
-    finally:
-        for live in lives:
-            live.halt()
 
 
 def test_a_stale_setup_beat_does_not_hold_once_this_rank_runs_images(fast_beats, monkeypatch):
@@ -171,8 +175,7 @@ def test_a_stale_setup_beat_does_not_hold_once_this_rank_runs_images(fast_beats,
     # a peer whose last beat still said SETUP (a small image runs in far less than a beat
     # period; then the peer froze) is held to the --liveness limit (seen: 60 s, not 5)
     monkeypatch.setattr(LV, "SETUP_LIVENESS_S", 30.0)
-    net, lives = cluster_of_beats(2, limit=0.3, setting_up=(0, 1))
-    try:
+    with beating(2, limit=0.3, setting_up=(0, 1)) as (net, lives):
         assert eventually(lambda: lives[0].peer_setup[1])
         lives[0].setup_done()
         net.cut(0, 1)  # rank 1 never beats again: its last beat said SETUP
@@ -180,29 +183,21 @@ def test_a_stale_setup_beat_does_not_hold_once_this_rank_runs_images(fast_beats,
         assert eventually(lambda: lives[0].lost is not None, limit=5.0)
         assert time.monotonic() - t_cut < 3.0
         assert lives[0].peer_setup[1] and "--liveness 0.3" in str(lives[0].describe("x"))
-    finally:
-        for live in lives:
-            live.halt()
 
 
 def test_a_peer_done_setting_up_has_the_liveness_limit_again(fast_beats, monkeypatch):
     monkeypatch.setattr(LV, "SETUP_LIVENESS_S", 30.0)
-    net, lives = cluster_of_beats(2, limit=0.3, setting_up=(1,))
-    try:
+    with beating(2, limit=0.3, setting_up=(1,)) as (net, lives):
         assert eventually(lambda: lives[0].peer_setup[1])
         lives[1].setup_done()
         assert eventually(lambda: not lives[0].peer_setup[1])  # its next beat says so
         net.cut(0, 1)
         assert eventually(lambda: lives[0].lost is not None, limit=5.0)
         assert "--liveness 0.3" in str(lives[0].describe("x"))
-    finally:
-        for live in lives:
-            live.halt()
 
 
 def test_every_worker_silent_hints_at_the_coordinators_own_link(fast_beats):
-    net, lives = cluster_of_beats(3)
-    try:
+    with beating(3) as (net, lives):
         net.cut(0, 1)
         net.cut(0, 2)
         assert eventually(lambda: lives[0].lost is not None and len(lives[0].lost[1]) == 2)
@@ -210,45 +205,31 @@ def test_every_worker_silent_hints_at_the_coordinators_own_link(fast_beats):
         assert msg.startswith("lost ranks 1 (h1), 2 (h2): silent")
         assert "this host's own link may be down" in msg
         assert L.lost_ranks_in(f"edgeci-mpi: error on rank 0 (h0): {msg}") == [1, 2]
-    finally:
-        for live in lives:
-            live.halt()
 
 
 def test_a_rank_that_said_goodbye_is_not_lost(fast_beats):
-    net, lives = cluster_of_beats(2)
-    try:
+    with beating(2) as (net, lives):
         time.sleep(0.3)
         lives[1].halt()  # done: its silence from now on is no loss
         time.sleep(1.2)
         assert lives[0].lost is None and lives[0].done == {1}
-    finally:
-        lives[0].halt()
 
 
 def test_a_stop_on_rank_0_reaches_the_workers(fast_beats):
-    net, lives = cluster_of_beats(3)
-    try:
+    with beating(3) as (net, lives):
         assert lives[0].request_stop(signal.SIGTERM) is False
         assert lives[0].request_stop(signal.SIGTERM) is True  # a second signal: at once
         assert eventually(lambda: all(live.stop_signal == signal.SIGTERM for live in lives))
         assert all(live.lost is None for live in lives)
-    finally:
-        for live in lives:
-            live.halt()
 
 
 def test_a_worker_stopped_alone_is_lost_to_rank_0(fast_beats, monkeypatch):
     monkeypatch.setattr(LV, "PEER_STOP_GRACE_S", 0.2)
-    net, lives = cluster_of_beats(2)
-    try:
+    with beating(2) as (net, lives):
         lives[1].request_stop(signal.SIGTERM)
         assert eventually(lambda: lives[0].lost is not None)
         assert lives[0].lost[:2] == ("stopped", (1,)) and not lives[0].stop_signal
         assert "lost rank 1 (h1): stopped by SIGTERM" in str(lives[0].describe("x"))
-    finally:
-        for live in lives:
-            live.halt()
 
 
 def test_an_orphan_notices_its_process_manager_is_gone(fast_beats):
@@ -268,17 +249,13 @@ def test_the_thread_ends_a_process_stuck_where_no_wait_can_raise(monkeypatch):
     monkeypatch.setattr(LV, "TICK_S", 0.02)
     monkeypatch.setattr(LV, "GRACE_S", 0.3)
     ended = []
-    net, lives = cluster_of_beats(2, limit=0.3, forced=lambda *a: ended.append(a))
-    try:
+    with beating(2, limit=0.3, forced=lambda *a: ended.append(a)) as (net, lives):
         net.cut(0, 1)
         assert eventually(lambda: len(ended) == 2)
         by_rank = {line.split()[4]: (code, abort) for line, code, abort in ended}
         # rank 0 aborts the job through MPI; the worker that lost rank 0 just leaves
         assert by_rank == {"0": (1, True), "1": (1, False)}, ended
         assert all("lost rank" in line for line, _, _ in ended)
-    finally:
-        for live in lives:
-            live.halt()
 
 
 def test_liveness_log_for_the_benchmarks(fast_beats, tmp_path, monkeypatch):
