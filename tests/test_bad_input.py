@@ -404,10 +404,10 @@ def cache(tmp_path_factory) -> Path:
 
 
 #: A few of RUN_CASES again under a real launch, one per way a refusal travels: found by rank
-#: 0 alone while validating (a cluster file, an image), and by every rank while building
+#: 0 alone while validating (a cluster file; an image: tests/test_cli_run.py), and by every rank while building
 #: (weights) or tracing (a map that becomes empty).  tests/test_cli_run.py launches two more
 #: under raw mpiexec.
-E2E = ["cluster-syntax", "image-rgba", "weights-wrong-shapes", "map-becomes-empty"]
+E2E = ["cluster-syntax", "weights-wrong-shapes", "map-becomes-empty"]
 
 
 @pytest.mark.slow

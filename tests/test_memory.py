@@ -256,12 +256,14 @@ def test_a_cluster_whose_coordinator_cannot_hold_the_model_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_vgg16_workers_peak_at_least_300_mib_below_the_coordinator(tmp_path):
-    """The issue's figure: VGG-16 on 4 ranks, workers without the 472 MiB classifier."""
+    """The issue's figure: VGG-16 on 4 ranks, workers without the 472 MiB classifier (and
+    VGG-16 at its full 224x224 verified exact)."""
     out = tmp_path / "run.json"
     r = run_job(4, "--model", "vgg16", "--strategy", "edgeci", "--images", "1", "--warmup",
-                "0", "--json", str(out), limit=600)
+                "0", "--verify", "--json", str(out), limit=600)
     assert r.rc == 0, r
     rec = json.loads(out.read_text())
+    assert rec["input_chw"] == [3, 224, 224] and rec["verified"] is True
     peaks = rec["peak_rss_mib"]
     assert len(peaks) == 4
     # a worker that holds rows of a split head layer (issue 13, item 3) may hold their bytes
