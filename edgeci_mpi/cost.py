@@ -3,7 +3,10 @@
 Per device: compute ``t = work / flops_per_s + overhead_s`` per block call, where work is the
 model's calibrated work (``units.Calibration``: reference FLOPs, measured on the model's own
 units; raw FLOPs with static op weights when uncalibrated), and a link ``t = latency + bytes /
-bandwidth``.  Devices of one host share its cores (:func:`contention`).  Every device may pay
+bandwidth``.  A device under a CPU quota measured ``t`` as a throttled mean; a computation it
+starts rested runs its first quota at full speed, so it takes ``max(quota * t, t - credit)``,
+the credit being the measured ``burst_s`` after a rest of a quota period or more, in
+proportion after a shorter one (:meth:`Device.compute_time`, ``runtime.profile.burst_benchmark``).  Devices of one host share its cores (:func:`contention`).  Every device may pay
 for slicing pieces out of a map and assembling input regions (``copy_s_per_byte``; measured
 on real ranks, 0 in cluster files).
 
@@ -52,9 +55,27 @@ class Device:
     host: str = ""                     # devices of one host share its cores ...
     host_slots: float = 0.0            # ... this many compute at full speed at once (0: own cores)
     copy_s_per_byte: float = 0.0       # coordinator: slicing a region out / stitching one in
+    quota: float = 0.0                 # CPU quota in cores (0: none; measured, never emulated)
+    quota_period_s: float = 0.0        # its CFS period
+    burst_s: float = 0.0               # what a computation started rested saves (measured)
 
-    def compute_time(self, flops: float) -> float:
-        return flops / self.flops_per_s + self.overhead_s
+    def compute_time(self, flops: float, credit: float | None = None) -> float:
+        """Seconds of one block call of ``flops``; under a CPU quota, started with ``credit``
+        seconds of saving (default: rested, the whole ``burst_s``; :meth:`credit`)."""
+        t = flops / self.flops_per_s + self.overhead_s
+        if self.burst_s <= 0.0:
+            return t
+        c = self.burst_s if credit is None else credit
+        return max(t * self.quota, t - c)
+
+    def credit(self, rest_s: float) -> float:
+        """The saving a computation gets after ``rest_s`` idle: CFS refills a quota each
+        period, so all of ``burst_s`` after a whole period, in proportion before."""
+        if self.burst_s <= 0.0 or rest_s <= 0.0:
+            return 0.0
+        if self.quota_period_s <= 0.0 or rest_s >= self.quota_period_s:
+            return self.burst_s
+        return self.burst_s * rest_s / self.quota_period_s
 
     def link_time(self, nbytes: float) -> float:
         if nbytes <= 0:
@@ -102,8 +123,20 @@ class DeviceArrays:
         self.overhead = np.array([d.overhead_s for d in devs])
         self.latency = np.array([0.0] + [d.latency_s for d in devs[1:]])
         self.inv_bw = np.array([0.0] + [1.0 / d.bandwidth_Bps for d in devs[1:]])
+        # a bid is for a tile started rested (Device.compute_time's default)
+        self.burst = np.array([d.burst_s for d in devs])
+        self.quota = np.array([d.quota if d.burst_s > 0 else 1.0 for d in devs])
+        self.bursts = bool(self.burst.any())
         self._scalar = list(zip(self.inv_speed.tolist(), self.overhead.tolist(),
-                                self.latency.tolist(), self.inv_bw.tolist()))
+                                self.latency.tolist(), self.inv_bw.tolist(),
+                                self.quota.tolist(), self.burst.tolist()))
+
+    def compute(self, devices, flops: np.ndarray) -> np.ndarray:
+        """Compute seconds of ``flops`` (column) on each of ``devices`` (row), started rested."""
+        t = flops * self.inv_speed[devices] + self.overhead[devices]
+        if self.bursts:
+            t = np.maximum(t * self.quota[devices], t - self.burst[devices])
+        return t
 
     def matrix(self, devices, works: np.ndarray) -> np.ndarray:
         """Finish time of tile t (row of ``works``: flops, in_bytes, out_bytes and optionally
@@ -113,12 +146,15 @@ class DeviceArrays:
         msgs = works[:, 3:4] if works.shape[1] > 3 else \
             (in_b > 0).astype(float) + (out_b > 0)
         link = self.latency[d] * msgs + (in_b + out_b) * self.inv_bw[d]
-        return flops * self.inv_speed[d] + self.overhead[d] + link
+        return self.compute(d, flops) + link
 
     def time(self, device: int, flops: float, in_b: float, out_b: float) -> float:
-        inv_speed, overhead, lat, inv_bw = self._scalar[device]
+        inv_speed, overhead, lat, inv_bw, quota, burst = self._scalar[device]
         link = (lat if in_b > 0 else 0.0) + (lat if out_b > 0 else 0.0) + (in_b + out_b) * inv_bw
-        return flops * inv_speed + overhead + link
+        t = flops * inv_speed + overhead
+        if burst > 0.0:
+            t = max(t * quota, t - burst)
+        return t + link
 
 
 Item = tuple[int, float, float, float]  # (device, work, input bytes, output bytes) of a tile

@@ -223,6 +223,7 @@ def _compute(cluster: Cluster, tiles: Sequence[tuple[int, float]], need: list[fl
     for k, (d, work) in enumerate(tiles):
         a = need[k]
         f = free.get(d, 0.0)
+        rest = a - f  # idle before it (from the block's start at most): a quota's credit
         if f > a:
             a = f
         if star_start is not None and d == 0 and star_start > a:
@@ -230,8 +231,10 @@ def _compute(cluster: Cluster, tiles: Sequence[tuple[int, float]], need: list[fl
         if assemble is not None and assemble[k]:
             a += assemble[k] * copy[d]
         arrive.append(a)
+        dev = devs[d]
         e = ends[k] if ends is not None and k in ends else \
-            a + devs[d].compute_time(work) * slow[d]
+            a + (dev.compute_time(work, dev.credit(rest)) if dev.burst_s > 0.0
+                 else dev.compute_time(work)) * slow[d]
         free[d] = e
         end.append(e)
     if syncs and ends is None:  # squeeze-excitation pools: every device meets at each

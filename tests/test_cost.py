@@ -74,3 +74,45 @@ def test_calibration_scales_work_and_adds_fixed_work_per_unit():
         BlockGeom.of(spec, 0, 2).input_region(rows, cols)
     with pytest.raises(ValueError):
         Calibration(1e9, (1.0,), (0.0,), 0.0).apply(spec)
+
+
+# --- CPU quotas: a computation started rested runs its first quota at full speed ---------------
+
+QUOTA = dict(quota=0.2, quota_period_s=0.01, burst_s=0.008)
+
+
+def test_a_rested_computation_under_a_quota_gets_the_measured_burst():
+    dev = Device("q", 1e9, **QUOTA)
+    assert dev.compute_time(50e6) == pytest.approx(0.050 - 0.008)     # long: the whole credit
+    assert dev.compute_time(5e6) == pytest.approx(0.005 * 0.2)         # short: all at full speed
+    assert dev.compute_time(50e6, credit=0.0) == pytest.approx(0.050)  # no rest: throttled mean
+    assert dev.credit(0.02) == 0.008 and dev.credit(0.005) == pytest.approx(0.004)
+    assert dev.credit(0.0) == 0.0
+    plain = Device("p", 1e9)
+    assert plain.compute_time(50e6) == 0.05 and plain.credit(1.0) == 0.0
+
+
+def test_bids_and_the_schedule_price_a_quota_alike():
+    from edgeci_mpi.cost import DeviceArrays
+
+    import numpy as np
+
+    q = Device("q", 1e9, bandwidth_Bps=1e6, **QUOTA)
+    cluster = Cluster("c", (Device("0", 1e9), q, Device("p", 1e9, bandwidth_Bps=1e6)))
+    arr = DeviceArrays(cluster)
+    works = np.array([[50e6, 1000.0, 1000.0], [5e6, 0.0, 0.0]])
+    got = arr.matrix([0, 1, 2], works)
+    assert got[0].tolist() == pytest.approx([0.05, 0.042 + 2e-3, 0.05 + 2e-3])
+    assert got[1].tolist() == pytest.approx([0.005, 0.001, 0.005])
+    assert arr.time(1, 50e6, 1000.0, 1000.0) == pytest.approx(got[0][1])
+
+
+def test_the_schedule_credits_a_quota_only_after_a_rest():
+    """Two tiles back to back on the quota'd device: the first starts after its input's
+    transfer (a whole period: the full credit), the second straight after the first (none)."""
+    q = Device("q", 1e9, bandwidth_Bps=1e5, **QUOTA)
+    cluster = Cluster("c", (Device("0", 1e9), q))
+    t = schedule(cluster, [(1, 50e6, 1000.0, 0.0), (1, 50e6, 0.0, 0.0)])
+    assert t.arrive[0] == pytest.approx(0.01)                       # 1000 B at 100 kB/s
+    assert t.end[0] - t.arrive[0] == pytest.approx(0.042)
+    assert t.end[1] - t.end[0] == pytest.approx(0.050)

@@ -92,3 +92,25 @@ def test_fast_links_are_not_reprobed_for_timing_noise(monkeypatch):
     # cannot tell such links apart and they are no bottleneck worth a fresh probe
     comm = LinkComm(1e-5, 5e9, monkeypatch)
     assert P._fresh_link(comm, 1, (1e-5, 1e9))[1:] == (1e9, True)
+
+
+def test_the_cgroup_limit_is_read_from_v1_and_v2_files(tmp_path):
+    from edgeci_mpi.runtime.profile import cgroup_limit, cgroup_quota
+
+    v1 = tmp_path / "cpu" / "edgeci-h1"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("2000\n")
+    (v1 / "cpu.cfs_period_us").write_text("10000\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("12:memory:/\n4:cpu,cpuacct:/edgeci-h1\n0::/\n")
+    assert cgroup_limit(str(proc), str(tmp_path)) == pytest.approx((0.2, 0.01))
+    assert cgroup_quota(str(proc), str(tmp_path)) == pytest.approx(0.2)
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")            # unlimited
+    assert cgroup_limit(str(proc), str(tmp_path)) is None
+    v2 = tmp_path / "box"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("40000 100000\n")
+    proc.write_text("0::/box\n")
+    assert cgroup_limit(str(proc), str(tmp_path)) == pytest.approx((0.4, 0.1))
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_limit(str(proc), str(tmp_path)) is None

@@ -31,6 +31,7 @@ from test_netcluster import leaked
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 CLI = [sys.executable, "-m", "edgeci_mpi.testbed"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- no root needed -----------------------------------------------------------------------------
@@ -262,6 +263,15 @@ def test_a_rank_sees_its_quota_inside_its_host(nothing_left):
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         assert r.stdout.split()[0] == str(cgroups.quota_us(0.25))
+        # ... and the capability report's figures: the quota, its period, and a rested
+        # computation's saving (positive: it runs its first quota at full speed)
+        probe = ("from edgeci_mpi.runtime.profile import burst_benchmark, cgroup_limit; "
+                 "q, p = cgroup_limit(); print(q, p, burst_benchmark(q, p))")
+        r = subprocess.run(c.host_argv(c.members[0], [sys.executable, "-c", probe]),
+                           env=c.env(), capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+        q, p, burst = map(float, r.stdout.split())
+        assert (q, p) == pytest.approx((0.5, cgroups.period_us(0.5) * 1e-6)) and burst > 0
 
 
 def _wait_for(pred, what: str, proc: subprocess.Popen, timeout: float = 60) -> None:

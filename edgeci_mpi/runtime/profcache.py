@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-PROFILE_VERSION = 5
+PROFILE_VERSION = 6
 #: A cached calibration is rescaled when a fresh whole-map timing differs by more than this.
 DRIFT_TOLERANCE = 0.10
 

@@ -45,7 +45,7 @@ class Layout:
 def device_classes(cluster: Cluster) -> list[tuple]:
     """Devices that are interchangeable for the cost model get the same class key."""
     return [(d.flops_per_s, d.overhead_s, d.bandwidth_Bps, d.latency_s, d.host, d.host_slots,
-             d.copy_s_per_byte) for d in cluster.devices]
+             d.copy_s_per_byte, d.quota, d.burst_s) for d in cluster.devices]
 
 
 def canonical(rects: list[Rect], classes: list[tuple]) -> list[Rect]:
@@ -113,7 +113,7 @@ def held_model(geom: BlockGeom, before: list[Piece], arr: DeviceArrays, last: bo
         hit = (ov > 0).astype(float)
         msgs = hit.sum(axis=1)[:, None] - hit @ mine.T
         out_b = works[:, 1:2]
-        return (works[:, 0:1] * arr.inv_speed[devs] + arr.overhead[devs]
+        return (arr.compute(devs, works[:, 0:1])
                 + arr.latency[devs] * (msgs + (out_b > 0))
                 + ((area[:, None] - own) * ci + out_b) * arr.inv_bw[devs])
 
@@ -172,8 +172,11 @@ def d2d_layouts(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, classes, i
 
     def cost(d, rows, cols):
         flops, in_b, out_b, msgs = work(rows, cols)
-        inv_speed, overhead, lat, inv_bw = scalar[d]
-        return flops * inv_speed + overhead + lat * msgs + (in_b + out_b) * inv_bw
+        inv_speed, overhead, lat, inv_bw, quota, burst = scalar[d]
+        t = flops * inv_speed + overhead
+        if burst > 0.0:
+            t = max(t * quota, t - burst)
+        return t + lat * msgs + (in_b + out_b) * inv_bw
 
     block_work = geom.tile_work((0, h), (0, w))[0]
     shared = cluster.network == "shared"
@@ -189,7 +192,7 @@ def d2d_layouts(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, classes, i
         for d, r, c in rects:
             if d != 0 or not first:
                 _, in_b, out_b, msgs = work(r, c)
-                _, _, lat, inv_bw = scalar[d]
+                _, _, lat, inv_bw, _, _ = scalar[d]
                 link[d] = link.get(d, 0.0) + lat * msgs + (in_b + out_b) * inv_bw
         links = sum(link.values()) if shared else max(link.values(), default=0.0)
         out.append(Layout(rects, template, max(per_dev.values()),
