@@ -13,8 +13,9 @@
 * on a ``shared`` network every transfer waits for the one medium; on a ``switched`` one each
   device's link carries its own sends in turn and its own receives in turn, and transfers
   between different pairs run at once; a transfer takes the slower end's ``link_time``;
-* each device computes its tiles one after another, each once its input has arrived; the next
-  block starts when the last tile (and gather) is done; the head runs on the coordinator.
+* each device computes its tiles one after another, each once its input has arrived; a star
+  block starts when everything before it is done, a device-to-device block on each device as
+  soon as that device is done with the previous one; the head runs on the coordinator.
 
 No torch and no MPI: it scales to hundreds of devices.
 """
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cost import Cluster, plan_timelines
+from .cost import Cluster, chain_blocks, schedule_flow
+from .flows import plan_flows
 from .plan import Plan
 
 
@@ -43,8 +45,15 @@ class SimResult:
 
 
 def simulate(plan: Plan, cluster: Cluster) -> SimResult:
-    """Replay ``plan`` on ``cluster`` (its devices, links and network)."""
-    sims = [BlockSim(b.name, b.predicted_s, t.finish, t.link_busy)
-            for b, t in zip(plan.blocks, plan_timelines(plan, cluster))]
-    total = sum(s.simulated_s for s in sims) + plan.head_s
+    """Replay ``plan`` on ``cluster`` (its devices, links and network); consecutive
+    device-to-device blocks are chained as the runtime runs them (``cost.chain_blocks``), so
+    a block's simulated time is how much later than the previous one it is done."""
+    flows = plan_flows(plan)
+    lines = [schedule_flow(cluster, b, f, plan.bytes_per_element)
+             for b, f in zip(plan.blocks, flows)]
+    done = chain_blocks(cluster, plan.blocks, flows, plan.bytes_per_element,
+                        [t.finish for t in lines])
+    sims = [BlockSim(b.name, b.predicted_s, end - prev, t.link_busy)
+            for b, t, end, prev in zip(plan.blocks, lines, done, [0.0, *done])]
+    total = (done[-1] if done else 0.0) + plan.head_s
     return SimResult(plan.strategy, plan.predicted_s, total, sims)

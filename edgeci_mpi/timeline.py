@@ -136,7 +136,8 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
              slice_bytes: float = 0.0, collect_bytes: float = 0.0, stitch_bytes: float = 0.0,
              assemble: Sequence[float] | None = None,
              ends: dict[int, float] | None = None,
-             syncs: Sequence[Sequence[float]] = ()) -> Timeline:
+             syncs: Sequence[Sequence[float]] = (),
+             ready: dict[int, float] | None = None) -> Timeline:
     """The one timing model of a block (planners, simulator and emulation all call it, through
     :func:`schedule` and :func:`schedule_flow`).
 
@@ -158,12 +159,15 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
     segments that every device finishes before a small message round
     (``synccost.synced_ends``).
 
-    A block is done when every tile is computed and every output has arrived."""
+    A block is done when every tile is computed and every output has arrived.  ``ready``
+    (device-to-device blocks chained by ``cost.chain_blocks``): when each device is done with
+    the previous block - it sends and computes no earlier; times are then on that clock."""
     devs = cluster.devices
     links = _Links(cluster.network)
     copy = [d.copy_s_per_byte for d in devs]
     start, free, need, moves_in, scatter = _place_inputs(
-        devs, links, copy, len(tiles), inputs, collect, star, slice_bytes, collect_bytes)
+        devs, links, copy, len(tiles), inputs, collect, star, slice_bytes, collect_bytes,
+        ready)
     arrive, end = _compute(cluster, tiles, need, free, copy, start if star else None,
                            assemble, ends, syncs)
     return _place_outputs(cluster, links, copy, outputs, moves_in, arrive, end, star, start,
@@ -172,7 +176,8 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
 
 def _place_inputs(devs, links: "_Links", copy: list[float], n_tiles: int,
                   inputs: Sequence[Move], collect: Sequence[Move], star: bool,
-                  slice_bytes: float, collect_bytes: float):
+                  slice_bytes: float, collect_bytes: float,
+                  ready: dict[int, float] | None = None):
     """Steps 1-3 of :func:`timeline`: ``(start, free, need, moves_in, scatter)`` - when rank
     0 is ready, when each sender is free, when each tile's inputs are all in, when each move
     ends, and how long rank 0's sending side was busy (star)."""
@@ -183,7 +188,7 @@ def _place_inputs(devs, links: "_Links", copy: list[float], n_tiles: int,
         start = max(start, moves_in[-1])
     if collect:
         start += collect_bytes * copy[0]
-    free: dict[int, float] = {}
+    free: dict[int, float] = dict(ready) if ready else {}
     need = [0.0] * n_tiles
     scatter = 0.0
     if star:  # rank 0's sending side (or the medium, free after the collect) in turn

@@ -170,7 +170,7 @@ class BlockGeom:
     input regions come from the chain's per-unit memo (:class:`ChainGeom`), the per-op
     intervals the executor needs from this block's own memo."""
 
-    ops: tuple[OpGeom, ...]
+    units: tuple[UnitSpec, ...] = field(repr=False)  # the model's units (ops: the block's)
     in_chw: CHW
     out_chw: CHW
     chain: ChainGeom
@@ -178,6 +178,12 @@ class BlockGeom:
     stop: int
     bytes_per_element: int = 4
     _memo: dict = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def ops(self) -> tuple[OpGeom, ...]:
+        """The block's op DAG (:func:`block_ops`), built when first asked: planners price
+        thousands of candidate blocks from the chain's memo alone."""
+        return block_ops(self.units, self.start, self.stop)
 
     def need(self, axis: int, out: Interval) -> tuple[Interval, tuple[Interval, ...]]:
         """(input interval, per-op output intervals) along ``axis`` for output ``out``."""
@@ -190,7 +196,7 @@ class BlockGeom:
 
     @staticmethod
     def of(model: ModelSpec, start: int, stop: int) -> "BlockGeom":
-        return BlockGeom(block_ops(model.units, start, stop), model.units[start].in_chw,
+        return BlockGeom(model.units, model.units[start].in_chw,
                          model.units[stop - 1].out_chw, model.chain, start, stop,
                          model.bytes_per_element)
 

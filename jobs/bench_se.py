@@ -21,8 +21,8 @@ import argparse
 import copy
 
 from edgeci_mpi.cluster import load_cluster
-from edgeci_mpi.cost import plan_timelines
 from edgeci_mpi.models import load_model_graph
+from edgeci_mpi.simulate import simulate
 from edgeci_mpi.strategies import make_plan
 
 MODELS = ("efficientnet_b0", "mobilenet_v3_large", "regnet_y_400mf")
@@ -36,7 +36,7 @@ def figures(spec, cluster, strategy: str, single_s: float) -> dict:
     free = copy.deepcopy(plan)
     for b in free.blocks:
         b.syncs = []
-    no_sync_s = sum(t.finish for t in plan_timelines(free, cluster)) + plan.head_s
+    no_sync_s = simulate(free, cluster).simulated_s
     return {"multi": multi / total, "head": plan.head_s / plan.predicted_s,
             "speedup": single_s / plan.predicted_s, "predicted_ms": plan.predicted_s * 1e3,
             "syncs": sum(len(b.syncs) for b in plan.blocks if len(b.devices) > 1),

@@ -274,3 +274,28 @@ def test_sweeps_take_a_networks_axis():
         == "switched"
     with pytest.raises(SweepError, match="networks"):
         parse_sweep({"models": ["resnet18"], "presets": ["hetero4"], "networks": ["wifi"]})
+
+
+def test_device_to_device_blocks_chain_without_a_barrier():
+    """Rank 0 is slow in the first block and rank 1 in the second; neither needs the other's
+    pixels (1x1 tiles of their own halves).  The runtime has no barrier between
+    device-to-device blocks, so each device is done after 3 + 1 s: the chain predicts 4 s
+    where summing each block's slowest device would say 6 s.  A star block after them waits
+    for all."""
+    from edgeci_mpi.cost import chain_blocks
+
+    cluster = Cluster("c", (Device("0", 1.0), Device("1", 1.0)), network="switched")
+
+    def block(k: int, work0: float, work1: float, source: str = "d2d") -> Block:
+        tiles = [Tile(0, (0, 1), (0, 2), (0, 1), (0, 2), work0),
+                 Tile(1, (1, 2), (0, 2), (1, 2), (0, 2), work1)]
+        return Block(k, k + 1, f"b{k}", (1, 2, 2), (1, 2, 2), tiles, source=source)
+
+    plan = Plan("m", (1, 2, 2), "t", "c", ["0", "1"], [block(0, 3.0, 1.0), block(1, 1.0, 3.0)])
+    flows = plan_flows(plan)
+    assert [len(f.inputs) for f in flows][1] == 0      # the second block moves nothing in
+    done = chain_blocks(cluster, plan.blocks, flows, 0)  # 0 bytes per element: no link time
+    assert done[0] == pytest.approx(3.0) and done[1] == pytest.approx(4.0)
+    plan.blocks.append(block(2, 1.0, 1.0, "star"))
+    done = chain_blocks(cluster, plan.blocks, plan_flows(plan), 0, [0.0, 0.0, 2.0])
+    assert done[2] == pytest.approx(4.0 + 2.0)

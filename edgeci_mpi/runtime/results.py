@@ -290,7 +290,9 @@ def summarise(rec: RunRecord) -> str:
         lines.append(f"  {r:>4} {rep.host[:12]:<12} {dev.name[:22]:<22} "
                      f"{dev.flops_per_s / 1e9:>8.2f} {dev.overhead_s * 1e3:>7.2f} "
                      f"{'-' if r == 0 else f'{dev.latency_s * 1e3:.3f}':>7} {bw:>9}"
-                     f"{'  EMULATED' if dev.emulated else ''}")
+                     f"{'  EMULATED' if dev.emulated else ''}"
+                     + (f"  quota {dev.quota:g} core, rested burst {dev.burst_s * 1e3:.1f} ms"
+                        if dev.quota else ""))
     cached = all(r.compute_cached for r in rec.reports)
     lines.append(f"  (profile {rec.profile_s:.2f} s{', from cache' if cached else ''})")
     if not rec.image_indices:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..cost import (Cluster, block_items, contention, pair_time, schedule_flow, schedule_time,
-                    send_order, tile_times)
-from ..flows import Piece, block_flow, start_holdings
+from ..cost import (Cluster, block_items, chain_blocks, contention, pair_time, schedule_flow,
+                    schedule_time, send_order, tile_times)
+from ..flows import Piece, block_flow, plan_flows, start_holdings
 from ..geometry import Interval
 from ..plan import Block, Plan, Tile
 from ..synccost import block_syncs
@@ -119,7 +119,12 @@ def whole_block(spec: ModelSpec, cluster: Cluster, start: int, stop: int, device
 def finish_plan(spec: ModelSpec, cluster: Cluster, strategy: str, blocks: list[Block],
                 notes: list[str] | None = None) -> Plan:
     head_s = cluster.devices[0].compute_time(spec.head_flops)
-    total = sum(b.predicted_s for b in blocks) + head_s
-    return Plan(spec.name, spec.input_chw, strategy, cluster.name,
-                [d.name for d in cluster.devices], blocks, head_s, total, 0.0, list(notes or []),
+    plan = Plan(spec.name, spec.input_chw, strategy, cluster.name,
+                [d.name for d in cluster.devices], blocks, head_s,
+                sum(b.predicted_s for b in blocks) + head_s, 0.0, list(notes or []),
                 spec.bytes_per_element, cluster.network)
+    if any(b.source != "star" for b in blocks):  # chained: no barrier between them
+        done = chain_blocks(cluster, blocks, plan_flows(plan), spec.bytes_per_element,
+                            [b.predicted_s for b in blocks])
+        plan.predicted_s = done[-1] + head_s
+    return plan
