@@ -6,9 +6,10 @@ units; raw FLOPs with static op weights when uncalibrated), and a link ``t = lat
 bandwidth``.  A device under a CPU quota measured ``t`` as a throttled mean; a computation it
 starts rested runs its first quota at full speed, so it takes ``max(quota * t, t - credit)``,
 the credit being the measured ``burst_s`` after a rest of a quota period or more, in
-proportion after a shorter one (:meth:`Device.compute_time`, ``runtime.profile.burst_benchmark``).  Devices of one host share its cores (:func:`contention`).  Every device may pay
-for slicing pieces out of a map and assembling input regions (``copy_s_per_byte``; measured
-on real ranks, 0 in cluster files).
+proportion after a shorter one (:meth:`Device.compute_time`,
+``runtime.profile.burst_benchmark``).  Devices of one host share its cores
+(:func:`contention`).  Every device may pay for slicing pieces out of a map and assembling
+input regions (``copy_s_per_byte``; measured on real ranks, 0 in cluster files).
 
 **Networks** (``Cluster.network``).  ``"shared"``: one medium, every transfer one behind
 another, as on a Wi-Fi access point (the paper's setting, and the default).  ``"switched"``:
@@ -23,8 +24,10 @@ transfers, compute, gather - with :func:`schedule` (the star) and :func:`schedul
 block with its flow) as its two doors.  The planners price blocks with it
 (``strategies.common``), the simulator replays plans with it (``simulate.py``) and the
 emulator delays emulated links by it (``runtime.emulate``) - one model, so a plan's
-prediction, its simulation and its emulation cannot drift apart.  :class:`DeviceArrays` is
-the same device model as arrays, for AWAS bids.
+prediction, its simulation and its emulation cannot drift apart.  A plan's total is its
+blocks chained (:func:`chain_blocks`): a star block after everything before it,
+device-to-device blocks with no barrier between them.  :class:`DeviceArrays` is the same
+device model as arrays, for AWAS bids.
 """
 from __future__ import annotations
 
