@@ -316,6 +316,28 @@ def test_run_guarded_a_stop_is_one_line_and_128_plus_the_signal(capsys):
     assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
 
 
+def test_a_second_stop_signal_does_not_interrupt_the_first_ones_handling(capsys):
+    """A stop arrives twice (the launcher's and mpiexec's forwarding): the second signal must
+    not raise another Stopped while the first is being handled - in CI it did, rank 0's line
+    lost its image count and a worker died through the excepthook."""
+    comm = StubComm()
+
+    def body():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        except Stopped as e:
+            os.kill(os.getpid(), signal.SIGTERM)  # the second copy, while handling the first
+            time.sleep(0.2)
+            e.images, e.results = 4, "r.jsonl"
+            raise
+        return 0
+
+    assert run_guarded(comm, body) == 143 and comm.left == 143
+    assert capsys.readouterr().err == "edgeci-mpi: stopped by SIGTERM after 4 images; " \
+                                      "--resume continues from r.jsonl\n"
+
+
 def test_run_guarded_an_orphan_leaves_without_mpi(capsys):
     comm = StubComm()
 
