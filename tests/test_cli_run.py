@@ -189,11 +189,13 @@ def test_emulated_cluster_is_labelled(cache_dir, tmp_path):
 def test_straggler_is_noticed_and_replanned(cache_dir, tmp_path):
     """Rank 1 becomes 6x slower from image 3: a sustained change (hysteresis, issue 12) is
     re-planned after image 3 or 4, so the stream recovers within two images; with --no-adapt
-    the first plan stays."""
+    the first plan stays.  Emulated gigabit boards, so that the first plan surely gives rank
+    1 work (on hetero4's 50-100 Mbit/s links ResNet-34 at 96x96 barely splits, and whether
+    rank 1 got any work there hung on calibration noise: it failed CI)."""
     runs, outs = {}, {}
     for flag in ("--verify", "--no-adapt"):
         out = tmp_path / f"straggler{flag}.json"
-        r = launch(3, "--model", "resnet34", "--input", "3x96x96", "--cluster", "hetero4",
+        r = launch(3, "--model", "resnet34", "--input", "3x96x96", "--cluster", "boards-gigabit",
                    "--images", "6", "--warmup", "1", "--inject-slowdown", "1:3:6", flag,
                    "--json", str(out), cache=cache_dir)
         assert r.rc == 0, r
