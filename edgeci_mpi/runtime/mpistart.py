@@ -16,7 +16,7 @@ fraction of a second of each other), and
 * calls ``MPI_Init_thread`` through ``ctypes``, which releases the GIL (mpi4py's own call does
   not), so that a watchdog thread can end this rank when the barrier has not been passed
   ``INIT_DEADLINE_S`` (``$EDGECI_INIT_DEADLINE``) after this rank reached it (rank 0 says so in
-  one line, the others leave quietly);
+  one line, the others leave quietly ``QUIET_GRACE_S`` later, so that its line gets out);
 * then installs an exception hook: anything that escapes before the runtime's own guard
   (``runtime.failure.run_guarded``) - torch missing on one host, a broken module - is one line
   ``edgeci-mpi: error on rank R (host): ...`` and ``MPI_Abort``, never a traceback per rank
@@ -45,6 +45,8 @@ INIT_DEADLINE_S = 30.0
 #: process at once, and a line still in the process manager's forwarding pipe was seen lost
 #: (the job then ended "without a word from the ranks").
 STDIO_DRAIN_S = 0.3
+#: How much longer than rank 0 the other ranks wait for ``MPI_Init`` before leaving quietly.
+QUIET_GRACE_S = 2.0
 PM_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
@@ -94,16 +96,20 @@ def _libmpi_path() -> str | None:
 
 def _watch(MPI, deadline_s: float, passed: threading.Event) -> None:
     """End this process unless ``MPI_Init`` returns within ``deadline_s``: rank 0 with one
-    line (every rank waits alike; where rank 0 itself is the one that never came, its own
-    error is the line), the others quietly."""
+    line (where rank 0 itself is the one that never came, its own error is the line), the
+    others quietly, :data:`QUIET_GRACE_S` later."""
     t0 = time.monotonic()
-    if passed.wait(deadline_s) or MPI.Is_initialized():
-        return
     rank = launcher_rank()
+    speaks = rank in ("0", "?")
+    # The others wait a little longer: the first rank to exit ends the job (mpiexec), and one
+    # that left at rank 0's own deadline took rank 0's line with it (seen in CI).
+    if passed.wait(deadline_s + (0.0 if speaks else QUIET_GRACE_S)) or MPI.Is_initialized():
+        return
     try:
-        if rank in ("0", "?"):
+        if speaks:
             print(init_late_line(rank, socket.gethostname(), time.monotonic() - t0),
                   file=sys.stderr, flush=True)
+            time.sleep(STDIO_DRAIN_S)  # the line reaches mpiexec before this exit ends all
     finally:
         os._exit(1)
 
