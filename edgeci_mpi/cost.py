@@ -46,6 +46,12 @@ from .units import BlockGeom
 NETWORKS = ("shared", "switched")
 
 
+def rested(t: float, quota: float, credit: float) -> float:
+    """A throttled-mean time ``t`` started with ``credit`` seconds of a CPU quota's burst
+    (:meth:`Device.compute_time`): ``max(quota * t, t - credit)``, ``t`` without a credit."""
+    return max(t * quota, t - credit) if credit > 0.0 else t
+
+
 @dataclass(frozen=True)
 class Device:
     name: str
@@ -65,11 +71,8 @@ class Device:
     def compute_time(self, flops: float, credit: float | None = None) -> float:
         """Seconds of one block call of ``flops``; under a CPU quota, started with ``credit``
         seconds of saving (default: rested, the whole ``burst_s``; :meth:`credit`)."""
-        t = flops / self.flops_per_s + self.overhead_s
-        if self.burst_s <= 0.0:
-            return t
-        c = self.burst_s if credit is None else credit
-        return max(t * self.quota, t - c)
+        return rested(flops / self.flops_per_s + self.overhead_s, self.quota,
+                      self.burst_s if credit is None else credit)
 
     def credit(self, rest_s: float) -> float:
         """The saving a computation gets after ``rest_s`` idle: CFS refills a quota each
@@ -151,13 +154,15 @@ class DeviceArrays:
         link = self.latency[d] * msgs + (in_b + out_b) * self.inv_bw[d]
         return self.compute(d, flops) + link
 
+    def compute_one(self, device: int, flops: float) -> float:
+        """:meth:`compute` for one device and one tile."""
+        inv_speed, overhead, _, _, quota, burst = self._scalar[device]
+        return rested(flops * inv_speed + overhead, quota, burst)
+
     def time(self, device: int, flops: float, in_b: float, out_b: float) -> float:
-        inv_speed, overhead, lat, inv_bw, quota, burst = self._scalar[device]
+        _, _, lat, inv_bw, _, _ = self._scalar[device]
         link = (lat if in_b > 0 else 0.0) + (lat if out_b > 0 else 0.0) + (in_b + out_b) * inv_bw
-        t = flops * inv_speed + overhead
-        if burst > 0.0:
-            t = max(t * quota, t - burst)
-        return t + link
+        return self.compute_one(device, flops) + link
 
 
 Item = tuple[int, float, float, float]  # (device, work, input bytes, output bytes) of a tile

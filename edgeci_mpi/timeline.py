@@ -238,8 +238,7 @@ def _compute(cluster: Cluster, tiles: Sequence[tuple[int, float]], need: list[fl
         arrive.append(a)
         dev = devs[d]
         e = ends[k] if ends is not None and k in ends else \
-            a + (dev.compute_time(work, dev.credit(rest)) if dev.burst_s > 0.0
-                 else dev.compute_time(work)) * slow[d]
+            a + dev.compute_time(work, dev.credit(rest)) * slow[d]
         free[d] = e
         end.append(e)
     if syncs and ends is None:  # squeeze-excitation pools: every device meets at each

@@ -172,11 +172,8 @@ def d2d_layouts(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, classes, i
 
     def cost(d, rows, cols):
         flops, in_b, out_b, msgs = work(rows, cols)
-        inv_speed, overhead, lat, inv_bw, quota, burst = scalar[d]
-        t = flops * inv_speed + overhead
-        if burst > 0.0:
-            t = max(t * quota, t - burst)
-        return t + lat * msgs + (in_b + out_b) * inv_bw
+        _, _, lat, inv_bw, _, _ = scalar[d]
+        return arr.compute_one(d, flops) + lat * msgs + (in_b + out_b) * inv_bw
 
     block_work = geom.tile_work((0, h), (0, w))[0]
     shared = cluster.network == "shared"
