@@ -48,7 +48,11 @@ always offered).
 
 The paper's all-star plan is one path of the same recursion, on the same prices; it is
 finished the same way and kept if faster, so ``edgeci-d2d`` never predicts slower than
-``edgeci`` on the same cluster.
+``edgeci`` on the same cluster.  The recursion adds block prices, so it cannot see how a long
+chain of small device-to-device blocks overlaps (``cost.chain_blocks``); the finest such path
+- every unit its own block in speed-proportional row strips over each candidate device set,
+CoEdge's rule - is priced whole, chained, and kept if faster (:meth:`_Planner.strip_chain`),
+so ``edgeci-d2d`` never predicts slower than ``coedge`` either.
 """
 from __future__ import annotations
 
@@ -61,6 +65,7 @@ from ..cost import Cluster, DeviceArrays, flow_moves, schedule_flow, timeline
 from ..flows import Piece, block_flow, start_holdings
 from ..plan import Block, Plan
 from ..units import BlockGeom, ModelSpec
+from .baseline_common import speed_strips
 from .common import finish_plan, make_d2d_block, price_blocks, whole_block
 from .d2d_layouts import (Layout, d2d_layouts, device_classes, held_model, layout_bands,
                           quick_awas)
@@ -251,8 +256,37 @@ class _Planner:
         if star_plan.predicted_s < plan.predicted_s:
             star_plan.notes.append("every block a star: device-to-device transfers did not "
                                    "pay here")
-            return star_plan
+            plan = star_plan
+        chain = self.strip_chain()
+        if chain is not None and chain.predicted_s < plan.predicted_s:
+            return chain
         return plan
+
+    def strip_chain(self) -> Plan | None:
+        """The finest device-to-device path, chained: every unit its own block in row strips
+        proportional to speed over the ``k`` devices of each candidate set, in rank order so
+        that only halos move.  The recursion adds block prices and cannot see how much a
+        long chain of small blocks overlaps (``cost.chain_blocks``: no barrier between
+        device-to-device blocks), so this path is priced whole, chained, beside it; the
+        fastest ``k`` is kept if it beats the recursion's plan."""
+        spec, cluster = self.spec, self.cluster
+        best = None
+        for k in self.ks:
+            held = start_holdings(spec.input_chw)
+            blocks = []
+            for i, u in enumerate(spec.units):
+                last = i == self.U - 1
+                rects = speed_strips(cluster, self.sets[k], u.out_chw[1], u.out_chw[2])
+                b = make_d2d_block(spec, cluster, i, i + 1, rects, held, last)
+                held = block_flow(b, held, last).held
+                blocks.append(b)
+            cand = finish_plan(spec, cluster, "edgeci-d2d", blocks,
+                               [f"every unit its own device-to-device block over {k} devices "
+                                "(row strips in proportion to speed): chained, this beat the "
+                                "recursion's fused blocks"])
+            if best is None or cand.predicted_s < best.predicted_s:
+                best = cand
+        return best
 
     def step(self, j: int) -> None:
         """Every state at boundary ``j``, from every boundary before it (short blocks first:
