@@ -19,16 +19,25 @@ energy term (compute speed alone, as MoDNN's and EdgeLD's baselines here use it)
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from ..cost import Cluster
 from ..flows import block_flow, start_holdings
-from ..plan import Plan
+from ..plan import Block, Plan
 from ..units import ModelSpec
 from .baseline_common import speed_strips
 from .common import finish_plan, make_d2d_block
 
 
 def plan_coedge(spec: ModelSpec, cluster: Cluster) -> Plan:
-    devices = list(range(len(cluster)))
+    return finish_plan(spec, cluster, "coedge",
+                       speed_strip_blocks(spec, cluster, range(len(cluster))))
+
+
+def speed_strip_blocks(spec: ModelSpec, cluster: Cluster, devices: Sequence[int]
+                       ) -> list[Block]:
+    """CoEdge's path over ``devices``: every unit its own device-to-device block in row
+    strips proportional to speed, in the order given (also ``edgeci-d2d``'s strip chain)."""
     held = start_holdings(spec.input_chw)
     blocks = []
     n = len(spec.units)
@@ -38,4 +47,4 @@ def plan_coedge(spec: ModelSpec, cluster: Cluster) -> Plan:
         block = make_d2d_block(spec, cluster, i, i + 1, rects, held, last=i == n - 1)
         held = block_flow(block, held, last=i == n - 1).held
         blocks.append(block)
-    return finish_plan(spec, cluster, "coedge", blocks)
+    return blocks

@@ -65,7 +65,7 @@ from ..cost import Cluster, DeviceArrays, flow_moves, schedule_flow, timeline
 from ..flows import Piece, block_flow, start_holdings
 from ..plan import Block, Plan
 from ..units import BlockGeom, ModelSpec
-from .baseline_common import speed_strips
+from .coedge import speed_strip_blocks
 from .common import finish_plan, make_d2d_block, price_blocks, whole_block
 from .d2d_layouts import (Layout, d2d_layouts, device_classes, held_model, layout_bands,
                           quick_awas)
@@ -272,14 +272,7 @@ class _Planner:
         spec, cluster = self.spec, self.cluster
         best = None
         for k in self.ks:
-            held = start_holdings(spec.input_chw)
-            blocks = []
-            for i, u in enumerate(spec.units):
-                last = i == self.U - 1
-                rects = speed_strips(cluster, self.sets[k], u.out_chw[1], u.out_chw[2])
-                b = make_d2d_block(spec, cluster, i, i + 1, rects, held, last)
-                held = block_flow(b, held, last).held
-                blocks.append(b)
+            blocks = speed_strip_blocks(spec, cluster, self.sets[k])
             cand = finish_plan(spec, cluster, "edgeci-d2d", blocks,
                                [f"every unit its own device-to-device block over {k} devices "
                                 "(row strips in proportion to speed): chained, this beat the "
