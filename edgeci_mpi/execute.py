@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .chansplit import ChannelRunner, drive_channels
 from .geometry import Interval, Resample, border_pads, clamp, window_input
 from .graph import ModelGraph
 from .opkinds import VECTOR_KINDS, NodeKind, data_inputs, is_tuple, tensor_metas
@@ -377,7 +378,7 @@ class Executor:
 
     def __init__(self, mg: ModelGraph):
         self.mg = mg
-        self._runners: dict[tuple[int, int], BlockRunner] = {}
+        self._runners: dict[tuple, Any] = {}
 
     def runner(self, start: int, stop: int) -> BlockRunner:
         key = (start, stop)
@@ -385,12 +386,27 @@ class Executor:
             self._runners[key] = BlockRunner(self.mg, start, stop)
         return self._runners[key]
 
+    def channel_runner(self, start: int, stop: int) -> ChannelRunner:
+        key = ("chan", start, stop)
+        if key not in self._runners:
+            self._runners[key] = ChannelRunner(self.mg, start, stop)
+        return self._runners[key]
+
     @torch.no_grad()
     def run(self, plan, x: torch.Tensor) -> torch.Tensor:
         for block in plan.blocks:
-            run = self.runner(block.start, block.stop)
             c, h, w = block.out_chw
             out = x.new_empty(x.shape[0], c, h, w)
+            if block.split:  # every device's channels of the whole map, tiles met
+                run = self.channel_runner(block.start, block.stop)
+                rects = [(t.out_rows, t.out_cols) for t in block.tiles]
+                gens = [run.steps(x, tuple(ch), r)
+                        for ch, r in zip(block.split["channels"], rects)]
+                for t, y in zip(block.tiles, drive_channels(gens, rects)):
+                    out[:, :, t.out_rows[0]:t.out_rows[1], t.out_cols[0]:t.out_cols[1]] = y
+                x = out
+                continue
+            run = self.runner(block.start, block.stop)
             rects = [(t.out_rows, t.out_cols) for t in block.tiles]
             owned = ownership(run.geom, rects, run.syncs) if run.syncs else None
             gens = [run.steps(x[:, :, t.in_rows[0]:t.in_rows[1], t.in_cols[0]:t.in_cols[1]],

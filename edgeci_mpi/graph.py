@@ -31,6 +31,7 @@ from .fxtrace import InputShapeError, UntileableOp, getattr_path, module_path, t
 from .geometry import OpGeom
 from .opkinds import (VECTOR_KINDS, NodeKind, data_inputs, hw_of, is_tuple, pair, shape_of,
                       tensor_metas)
+from .chansplit import analyse
 from .units import ChainGeom, ModelSpec, UnitSpec
 
 __all__ = ["InputShapeError", "ModelGraph", "NodeKind", "UntileableOp", "classify",
@@ -149,7 +150,8 @@ def trace(model: nn.Module, input_chw: tuple[int, int, int], name: str = "model"
     head_flops, head_out = _head_cost(gm, end)
     spec = ModelSpec(name=name, input_chw=tuple(input_chw), units=units,  # type: ignore[arg-type]
                      head_flops=head_flops, head_out=head_out,
-                     head_weight_bytes=_weight_bytes(list(head.graph.nodes), head))
+                     head_weight_bytes=_weight_bytes(list(head.graph.nodes), head),
+                     chan_splits=_channel_splits(groups, inputs, kinds, gm, units))
     return ModelGraph(spec, gm, groups, inputs, kinds, head)
 
 
@@ -224,6 +226,30 @@ def _named_units(groups: list[list[fx.Node]], inputs: list[fx.Node], kinds, gm
             u = replace(u, name=f"{u.name}#{len(units_list)}")
         units_list.append(u)
     return units_list
+
+
+#: the longest run of units tried as one channel-split block (an MBConv without a residual is
+#: three or four units: expand, depthwise, squeeze-excitation, project)
+CHANNEL_RUN = 5
+CHANNEL_WHOLE = 0.2
+
+
+def _channel_splits(groups: list[list[fx.Node]], inputs: list[fx.Node], kinds, gm,
+                    units: tuple[UnitSpec, ...]):
+    """Every run of at most :data:`CHANNEL_RUN` units that splits by channels as one block,
+    unless it would compute more than :data:`CHANNEL_WHOLE` of its work whole on every device
+    (a run whose first units cannot split is that run's tail, priced on its own)."""
+    out = []
+    for i in range(len(groups)):
+        for j in range(i + 1, min(len(groups), i + CHANNEL_RUN) + 1):
+            nodes = [n for g in groups[i:j] for n in g]
+            how = analyse(nodes, inputs[i], kinds, gm)
+            if how is None:
+                continue
+            pre, sliced, post, strip = how.works([op for u in units[i:j] for op in u.ops])
+            if pre + post <= CHANNEL_WHOLE * (pre + sliced + post + strip):
+                out.append((i, j, how))
+    return tuple(out)
 
 
 def _chw(node: fx.Node) -> tuple[int, int, int]:

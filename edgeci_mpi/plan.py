@@ -63,10 +63,19 @@ class Block:
     #: where the tiles meet inside the block (squeeze-excitation pools, ``syncs.py``): per
     #: sync, [share of the block's work done before it, bytes of one partial sum]
     syncs: list[list[float]] = field(default_factory=list)
+    #: a channel-split block (``chansplit``; device to device): {"channels": per tile [first,
+    #: end) of the split channels, "pre": per tile the work before the reduce-scatter,
+    #: "partial_c": channels of the map it reduce-scatters}; {} for spatial tiles.  Its tiles,
+    #: one per device in rank order, each need the whole input map and own an output tile.
+    split: dict = field(default_factory=dict)
 
     @property
     def devices(self) -> list[int]:
         return sorted({t.device for t in self.tiles})
+
+    @property
+    def channel_split(self) -> bool:
+        return bool(self.split)
 
 
 @dataclass
@@ -109,7 +118,8 @@ class Plan:
             blocks.append(Block(int(b["start"]), int(b["stop"]), b["name"], tuple(b["in_chw"]),
                                 tuple(b["out_chw"]), tiles, float(b["predicted_s"]),
                                 str(b.get("source", "star")),
-                                [[float(f), float(n)] for f, n in b.get("syncs", [])]))
+                                [[float(f), float(n)] for f, n in b.get("syncs", [])],
+                                _split(b.get("split") or {})))
         return Plan(d["model"], tuple(d["input_chw"]), d["strategy"], d["cluster"],
                     list(d["devices"]), blocks, float(d["head_s"]), float(d["predicted_s"]),
                     float(d.get("planning_s", 0.0)), list(d.get("notes", [])),
@@ -123,12 +133,15 @@ class Plan:
     # --- checks and views -----------------------------------------------------------------
     def validate(self, n_devices: int | None = None) -> None:
         """Raise ``ValueError`` unless blocks chain and every block's tiles cover its output
-        exactly once."""
+        exactly once (a channel-split block: one tile per device, in rank order, each with
+        the whole input map and a share of the channels, the shares in order and complete)."""
         prev = 0
         for b in self.blocks:
             if b.source not in SOURCES:
                 raise ValueError(f"block {b.name}: source {b.source!r} is not one of "
                                  f"{', '.join(SOURCES)}")
+            if b.split:
+                _check_split(b)
             if b.start != prev or b.stop <= b.start:
                 raise ValueError(f"block {b.name}: units [{b.start}, {b.stop}) do not follow {prev}")
             prev = b.stop
@@ -172,7 +185,7 @@ class Plan:
             out = "x".join(map(str, b.out_chw))
             name = b.name if len(b.name) <= 34 else b.name[:31] + "..."
             lines.append(f"{i:>3} {b.start:>3}-{b.stop - 1:<3}  {name:<34} {out:>13} "
-                         f"{len(b.tiles):>5} {devs:<18} {b.source:<4} {b.predicted_s * 1e3:>8.2f}")
+                         f"{len(b.tiles):>5} {devs:<18} {'chan' if b.split else b.source:<4} {b.predicted_s * 1e3:>8.2f}")
         where = "device 0" if not self.head_split else "devices " + ",".join(
             map(str, sorted({r[0] for h in self.head_split for r in h["rows"]})))
         lines.append(f"    head on {where:<69} {self.head_s * 1e3:>8.2f}")
@@ -180,3 +193,27 @@ class Plan:
                      f"(planned in {self.planning_s * 1e3:.0f} ms)")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _split(d: dict) -> dict:
+    if not d:
+        return {}
+    return {"channels": [[int(a), int(b)] for a, b in d["channels"]],
+            "pre": [float(w) for w in d["pre"]], "partial_c": int(d["partial_c"])}
+
+
+def _check_split(b: Block) -> None:
+    devs = [t.device for t in b.tiles]
+    chans = b.split["channels"]
+    _, ih, iw = b.in_chw
+    if b.source != "d2d" or devs != sorted(set(devs)) or len(chans) != len(b.tiles) or \
+            len(b.split["pre"]) != len(b.tiles):
+        raise ValueError(f"block {b.name}: a channel-split block needs one tile per device in "
+                         "rank order, each with its channels, device to device")
+    if any((t.in_rows, t.in_cols) != ((0, ih), (0, iw)) for t in b.tiles):
+        raise ValueError(f"block {b.name}: every tile of a channel-split block needs the whole "
+                         "input map")
+    ends = [0] + [c1 for _, c1 in chans]
+    if [c0 for c0, _ in chans] != ends[:-1] or any(c1 <= c0 for c0, c1 in chans):
+        raise ValueError(f"block {b.name}: channel shares {chans} are not consecutive and "
+                         "non-empty")

@@ -14,6 +14,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
+from .chancost import channel_ends
 from .synccost import block_ends
 
 if TYPE_CHECKING:
@@ -137,7 +138,8 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
              assemble: Sequence[float] | None = None,
              ends: dict[int, float] | None = None,
              syncs: Sequence[Sequence[float]] = (),
-             ready: dict[int, float] | None = None) -> Timeline:
+             ready: dict[int, float] | None = None,
+             split: tuple[Sequence[float], Sequence[float]] | None = None) -> Timeline:
     """The one timing model of a block (planners, simulator and emulation all call it, through
     :func:`schedule` and :func:`schedule_flow`).
 
@@ -161,7 +163,9 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
 
     A block is done when every tile is computed and every output has arrived.  ``ready``
     (device-to-device blocks chained by ``cost.chain_blocks``): when each device is done with
-    the previous block - it sends and computes no earlier; times are then on that clock."""
+    the previous block - it sends and computes no earlier; times are then on that clock.
+    ``split`` (a channel-split block: per tile its work before the reduce-scatter and the
+    bytes of one partial-sum message to it): step 4 is ``chancost.channel_ends``."""
     devs = cluster.devices
     links = _Links(cluster.network)
     copy = [d.copy_s_per_byte for d in devs]
@@ -169,7 +173,7 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
         devs, links, copy, len(tiles), inputs, collect, star, slice_bytes, collect_bytes,
         ready)
     arrive, end = _compute(cluster, tiles, need, free, copy, start if star else None,
-                           assemble, ends, syncs)
+                           assemble, ends, syncs, split)
     return _place_outputs(cluster, links, copy, outputs, moves_in, arrive, end, star, start,
                           scatter, stitch_bytes, bool(inputs), len(collect))
 
@@ -218,7 +222,7 @@ def _place_inputs(devs, links: "_Links", copy: list[float], n_tiles: int,
 def _compute(cluster: Cluster, tiles: Sequence[tuple[int, float]], need: list[float],
              free: dict[int, float], copy: list[float], star_start: float | None,
              assemble: Sequence[float] | None, ends: dict[int, float] | None,
-             syncs: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:
+             syncs: Sequence[Sequence[float]], split=None) -> tuple[list[float], list[float]]:
     """Step 4 of :func:`timeline`: when each tile's input is assembled and when it is done
     (``star_start``: when rank 0 may start its own tile in the star; ``None`` otherwise)."""
     devs = cluster.devices
@@ -241,7 +245,10 @@ def _compute(cluster: Cluster, tiles: Sequence[tuple[int, float]], need: list[fl
             a + dev.compute_time(work, dev.credit(rest)) * slow[d]
         free[d] = e
         end.append(e)
-    if syncs and ends is None:  # squeeze-excitation pools: every device meets at each
+    if split is not None and ends is None:  # channel split: gathers, the reduce-scatter
+        end = channel_ends(cluster, tiles, arrive, free_before, slow, syncs, split[0], split[1],
+                           _Links(cluster.network), pair_time)
+    elif syncs and ends is None:  # squeeze-excitation pools: every device meets at each
         end = block_ends(cluster, tiles, need, star_start or 0.0, slow, assemble,
                          free_before, syncs) or end
     return arrive, end

@@ -12,6 +12,57 @@ from .geometry import Interval, OpGeom, need_intervals
 from .syncs import SyncPoint, block_syncs, read_positions
 
 CHW = tuple[int, int, int]
+FULL, SLICED, STRIP = "full", "sliced", "strip"  # ChannelSplit.states
+
+
+@dataclass(frozen=True)
+class ChannelSplit:
+    """How one unit splits by channels (plain data; ``UnitSpec.chan``).
+
+    ``states``: per op of the unit (the unit's traced nodes, in order), where its value lives:
+    ``"full"`` (whole, on every device), ``"sliced"`` (whole map, the device's channels) or
+    ``"strip"`` (all channels, the device's output tile); ``split``: the ops split by output
+    channels; ``channels``: how many channels they have (what is divided among devices);
+    ``scatter``: the op whose partial sums are reduce-scattered, ``partial_c`` its channels;
+    ``gathers``: the reductions whose per-channel results the devices gather (``channels``
+    float32 values each); ``granule``: shares are multiples of it (a grouped conv's groups)."""
+
+    states: tuple[str, ...]
+    split: tuple[int, ...]
+    channels: int
+    scatter: int
+    partial_c: int
+    gathers: tuple[int, ...] = ()
+    granule: int = 1          # shares are whole multiples of this (a grouped conv's group size)
+
+    def works(self, ops) -> tuple[float, float, float, float]:
+        """(whole work before the scatter, sliced work, whole work after it, tile work) of
+        the unit's ``ops`` (``UnitSpec.ops``: work per op from its map size): a device with
+        the share ``s`` of the channels and ``a`` of the output does
+        ``full_pre + s * sliced`` before the reduce-scatter, ``full_post + a * strip`` after."""
+        out = [0.0, 0.0, 0.0, 0.0]
+        for i, (op, st) in enumerate(zip(ops, self.states)):
+            w = op.flops_per_pixel * op.out_hw[0] * op.out_hw[1]
+            if st == SLICED:
+                out[1] += w
+            elif st == STRIP:
+                out[3] += w
+            else:
+                out[0 if i < self.scatter else 2] += w
+        return out[0], out[1], out[2], out[3]
+
+    def gather_fractions(self, ops, share: float) -> list[float]:
+        """Per gather, the share of a device's pre-scatter work done before it (for the
+        channel ``share`` of an even split)."""
+        pre_w = []
+        for i, (op, st) in enumerate(zip(ops, self.states)):
+            if i >= self.scatter:
+                break
+            w = op.flops_per_pixel * op.out_hw[0] * op.out_hw[1]
+            pre_w.append(w * share if st == SLICED else w)
+        total = sum(pre_w) + ops[self.scatter].flops_per_pixel * ops[self.scatter].out_hw[0] \
+            * ops[self.scatter].out_hw[1] * share
+        return [sum(pre_w[:g + 1]) / total if total > 0 else 0.0 for g in self.gathers]
 
 
 @dataclass(frozen=True)
@@ -70,6 +121,15 @@ class ModelSpec:
     bytes_per_element: int = 4
     notes: tuple[str, ...] = field(default=())
     head_weight_bytes: int = 0   # the head's weights (memory per device, ``strategies.memory``)
+    #: runs of units ``[start, stop)`` that split by channels (``chansplit``): (start, stop, how)
+    chan_splits: tuple[tuple[int, int, ChannelSplit], ...] = ()
+
+    def channel_split(self, start: int, stop: int) -> ChannelSplit | None:
+        """How units ``[start, stop)`` split by channels as one block, or None."""
+        for a, b, how in self.chan_splits:
+            if (a, b) == (start, stop):
+                return how
+        return None
 
     @property
     def spatial_out_chw(self) -> CHW:

@@ -230,7 +230,7 @@ def test_device_to_device_pays_on_fast_switched_boards():
     assert d2d.predicted_s < make_plan(spec, boards, "edgeci").predicted_s
     # and a device-to-device block moves less than a star's scatter of the same tiles alone
     for b, f in zip(d2d.blocks[1:-1], plan_flows(d2d)[1:-1]):
-        if b.source == "d2d":
+        if b.source == "d2d" and not b.split:  # (a channel split gathers whole maps)
             scatter = sum(t.in_hw[0] * t.in_hw[1] for t in b.tiles if t.device != 0)
             assert sum(m.pixels for m in f.inputs) < scatter
 

@@ -62,6 +62,7 @@ from .emulate import Emulator, sleep_until
 from .failure import Injection
 from .pieces import (Exchange, Input, build, cut, exchange, needs_map, paste, tile_inputs,
                      whole_map)
+from .chanround import compute_channels
 from .syncround import compute_synced, plan_syncs
 
 
@@ -256,7 +257,9 @@ class PlanRunner:
                 xin = x.recvs[how.index].buf
             else:
                 xin = build(how.buf, (t.in_rows, t.in_cols), self.rank, held, flow, x)
-            if self.syncs[bi] is not None:
+            if block.split:  # channels of the whole map, met with the block's other devices
+                out[ti] = compute_channels(self, bi, block, ti, xin, image)
+            elif self.syncs[bi] is not None:
                 synced.append((ti, xin))
             else:
                 out[ti] = self._compute(bi, ti, block, t, xin, image).contiguous()

@@ -113,10 +113,14 @@ def timed(gen: Generator, flops: float, shares: list[float], emulator: Emulator,
 def plan_syncs(comm, executor, plan: Plan) -> list[BlockSyncs | None]:
     """Per block of ``plan``, where its tiles meet (``syncs.py``), if it has several tiles and
     reductions; refuses (``SyncCoverageError``) a block whose tiles cannot own a map."""
-    runners = [executor.runner(b.start, b.stop) for b in plan.blocks]
-    per_block = max((len(r.syncs) for r in runners), default=0)
+    runners = [None if b.split else executor.runner(b.start, b.stop) for b in plan.blocks]
+    per_block = max([len(r.syncs) for r in runners if r is not None] +
+                    [len(b.syncs) + 1 for b in plan.blocks if b.split], default=0)
     out: list[BlockSyncs | None] = []
     for bi, (b, run) in enumerate(zip(plan.blocks, runners)):
+        if b.split:  # a channel-split block (runtime.chanround): its gathers, as syncs are met
+            out.append(BlockSyncs(bi, b, [], per_block, [f for f, _ in b.syncs]))
+            continue
         if not run.syncs or len(b.tiles) < 2:
             out.append(None)
             continue

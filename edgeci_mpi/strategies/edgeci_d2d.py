@@ -65,6 +65,7 @@ from ..cost import Cluster, DeviceArrays, flow_moves, schedule_flow, timeline
 from ..flows import Piece, block_flow, start_holdings
 from ..plan import Block, Plan
 from ..units import BlockGeom, ModelSpec
+from .chanblock import channel_block, price_channel_block
 from .coedge import speed_strip_blocks
 from .common import finish_plan, make_d2d_block, price_blocks, whole_block
 from .d2d_layouts import (Layout, d2d_layouts, device_classes, held_model, layout_bands,
@@ -137,6 +138,10 @@ class _Planner:
         self.halo_memo: dict[tuple[int, int], dict] = {}
         self.redundant_cache: dict[tuple[int, int], bool] = {}
         self.collect_cache: dict[tuple[int, object], float] = {}
+        self.chan_runs: dict[int, list[int]] = {}   # stop -> starts of channel-split runs
+        for a, b, _ in spec.chan_splits:
+            self.chan_runs.setdefault(b, []).append(a)
+        self.chan_cache: dict[tuple[int, int, int], Block | None] = {}
         self.states: list[dict] = [dict() for _ in range(U + 1)]
         self.states[0][STAR] = _State(0.0, start_holdings(spec.input_chw), None)
         self.star_total = [0.0] + [math.inf] * U   # the paper's all-star DPFL, same prices
@@ -292,6 +297,9 @@ class _Planner:
                 self.star_options(i, j)
                 if not self.too_redundant(i, j):
                     self.d2d_options(i, j, last, margin, dead)
+        for i in self.chan_runs.get(j, ()):
+            if self.states[i]:
+                self.channel_options(i, j, last, margin)
         top = self.best(j)  # states that trail the best one by more than a reshuffle: dropped
         for key in [k for k, s in self.states[j].items() if s.total > top + margin]:
             del self.states[j][key]
@@ -343,6 +351,33 @@ class _Planner:
             pair_best = min(pair_best, self.enter(i, j, k, opts, [k, best_d2d, STAR], last,
                                                   margin))
 
+    def channel_options(self, i: int, j: int, last: bool, margin: float) -> None:
+        """Units ``[i, j)`` split by channels (``chanblock``) over each candidate set, after
+        the star state, the best device-to-device state and the same set's states at ``i``;
+        offered to state ``("chan", k)``, whose layout is the block's output tiles."""
+        prevs = self.states[i]
+        d2d = [key for key in prevs if key != STAR]
+        best_d2d = min(d2d, key=lambda key: prevs[key].total) if d2d else None
+        work = float(self.prefix[j] - self.prefix[i])
+        for k in self.ks:
+            if (i, j, k) not in self.chan_cache:
+                self.chan_cache[i, j, k] = channel_block(self.spec, self.cluster, i, j,
+                                                         self.sets[k])
+            block = self.chan_cache[i, j, k]
+            if block is None:
+                continue
+            held = [(t.device, t.out_rows, t.out_cols) for t in block.tiles]
+            floor = work / self.speed[k]
+            for key in dict.fromkeys([STAR, best_d2d, k, ("chan", k)]):
+                st = prevs.get(key)
+                if st is None or st.total + floor >= self.best(j) + margin:
+                    continue
+                cur = self.states[j].get(("chan", k))
+                if cur is not None and st.total + floor >= cur.total:
+                    continue
+                t = price_channel_block(block, self.cluster, st.held, last, self.bpe)
+                self.offer(j, ("chan", k), st.total + t, held, (i, key), ("chan", block), False)
+
     def enter(self, i: int, j: int, k: int, opts: list[Layout], keys: list, last: bool,
               margin: float) -> float:
         """Price the layouts ``opts`` after the states ``keys`` at ``i`` (the first state
@@ -389,7 +424,9 @@ def _finish(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, classes, path)
     bpe = spec.bytes_per_element
     for q, (i, j, choice) in enumerate(path):
         last = j == U
-        if choice[0] == STAR:
+        if choice[0] == "chan":
+            options = [choice[1]]
+        elif choice[0] == STAR:
             options = [choice[1]]
             full = _full_star(spec, cluster, arr, choice[1], i, j)
             if full is not choice[1]:
@@ -413,7 +450,7 @@ def _finish(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, classes, path)
             t = schedule_flow(cluster, b, flow, bpe).finish
             if nxt is not None:
                 ni, nj, nchoice = nxt
-                nb = nchoice[1] if nchoice[0] == STAR else nchoice[1].template
+                nb = nchoice[1] if nchoice[0] in (STAR, "chan") else nchoice[1].template
                 t += schedule_flow(cluster, nb, block_flow(nb, flow.held, nj == U), bpe).finish
             if chosen is None or t < chosen[0] - 1e-12:
                 chosen = (t, b, flow)

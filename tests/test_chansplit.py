@@ -1,0 +1,154 @@
+"""Channel-split blocks (``chansplit``): found in the traced graph, exact in one process, priced
+with their meetings, chosen by ``edgeci-d2d`` where they pay.  Plain pytest, no MPI."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx import Interpreter
+
+from edgeci_mpi.chansplit import ChannelRunner, drive_channels
+from edgeci_mpi.cluster import load_cluster
+from edgeci_mpi.cost import Cluster, Device, schedule_flow
+from edgeci_mpi.execute import Executor
+from edgeci_mpi.flows import block_flow
+from edgeci_mpi.geometry import split_sizes
+from edgeci_mpi.graph import trace
+from edgeci_mpi.models import build_model
+from edgeci_mpi.plan import Plan
+from edgeci_mpi.strategies import make_plan
+from edgeci_mpi.strategies.baseline_common import speed_shares
+from edgeci_mpi.strategies.chanblock import channel_block, channel_rects
+from edgeci_mpi.units import FULL, SLICED, STRIP
+
+torch.set_num_threads(1)
+
+
+def _traced(name: str, chw):
+    model = build_model(name, seed=0)
+    for m in model.modules():  # batch norm statistics that are not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            g = torch.Generator().manual_seed(m.num_features)
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model, trace(model, chw, name)
+
+
+def _values(mg, x):
+    vals = {}
+
+    class Record(Interpreter):
+        def run_node(self, n):
+            vals[n] = super().run_node(n)
+            return vals[n]
+
+    Record(mg.gm).run(x)
+    return vals
+
+
+def _shares(how, weights):
+    g = how.granule
+    return [(a * g, b * g) for a, b in split_sizes(speed_shares(how.channels // g, weights))]
+
+
+@pytest.mark.parametrize("name,chw,least", [
+    ("resnet18", (3, 48, 40), 6),             # BasicBlock: conv1 split, conv2 scattered
+    ("resnet50", (3, 48, 48), 8),             # Bottleneck: the 3x3 scattered, conv3 on tiles
+    ("efficientnet_b0", (3, 64, 64), 10),     # MBConv: depthwise, squeeze-excitation gathered
+    ("regnet_y_400mf", (3, 64, 64), 8),       # grouped 3x3: whole groups per device
+])
+def test_every_channel_run_equals_the_model(name, chw, least):
+    """Every run of units the analysis splits, on 2 and 3 devices with uneven shares and
+    tiles (rows, and columns within a band), equals the model's own value there."""
+    model, mg = _traced(name, chw)
+    runs = mg.spec.chan_splits
+    assert len(runs) >= least
+    x = torch.randn(1, *chw, generator=torch.Generator().manual_seed(1))
+    vals = _values(mg, x)
+    for i, j, how in runs:
+        assert how.states[how.scatter] == STRIP and all(how.states[s] == SLICED
+                                                        for s in how.split)
+        assert set(how.states) <= {FULL, SLICED, STRIP}
+        run = ChannelRunner(mg, i, j)
+        ref = vals[mg.unit_nodes[j - 1][-1]]
+        _, h, w = mg.spec.units[j - 1].out_chw
+        for k, weights in ((2, [1.0, 3.0]), (3, [2.0, 1.0, 1.5])):
+            if how.channels // how.granule < k or h * w < k:
+                continue
+            cl = Cluster("t", tuple(Device(f"d{d}", 1e9 * wt) for d, wt in enumerate(weights)))
+            rects = channel_rects(cl, list(range(k)), h, w)
+            if rects is None:
+                continue
+            rects = [(r, c) for _, r, c in rects]
+            outs = drive_channels([run.steps(vals[mg.unit_inputs[i]], ch, r) for ch, r in
+                                   zip(_shares(how, weights), rects)], rects)
+            scale = ref.abs().max().item()
+            for (r, c), y in zip(rects, outs):
+                want = ref[:, :, r[0]:r[1], c[0]:c[1]]
+                assert y.shape == want.shape
+                assert (y - want).abs().max().item() <= 1e-5 * scale, (name, i, j, k)
+
+
+def test_units_that_cannot_split_have_no_channel_run():
+    """ConvNeXt's blocks mix channels with linears on channels-last maps and convs are
+    depthwise on whole maps: nothing to split by output channels, so nothing is offered."""
+    _, mg = _traced("convnext_tiny", (3, 64, 64))
+    whole = {(i, j) for i, j, _ in mg.spec.chan_splits}
+    blocks = [u for u, unit in enumerate(mg.spec.units) if unit.name.startswith("features.1.")]
+    assert blocks and not any((u, u + 1) in whole for u in blocks)
+
+
+def test_edgeci_d2d_splits_late_resnet_units_and_stays_exact():
+    """On switched gigabit boards the planner splits ResNet-34's 7x7 units by channels
+    (spatial strips there recompute more than they share), and the plan - JSON round trip
+    included - runs exactly in one process."""
+    model, mg = _traced("resnet34", (3, 224, 224))
+    plan = make_plan(mg.spec, load_cluster("boards-gigabit").resized(8), "edgeci-d2d")
+    chan = [b for b in plan.blocks if b.split]
+    assert chan and all(b.out_chw[1] == 7 for b in chan)
+    plan = Plan.from_json(plan.to_json())
+    plan.validate(8)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x)
+        out = Executor(mg).run(plan, x)
+    assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_a_channel_block_is_priced_with_its_reduce_scatter():
+    """The partial sums cost what they weigh: the same block on slower links, or with its
+    partial map made wider, takes longer; on a shared medium longer than switched."""
+    _, mg = _traced("resnet18", (3, 64, 64))
+    spec = mg.spec
+    i, j, _ = next(r for r in spec.chan_splits if spec.units[r[0]].out_chw[1] == 8)
+
+    def price(bw: float, network: str, widen: int = 1) -> float:
+        cl = Cluster("t", tuple(Device(f"d{d}", 6e9, 1e-3, bw, 2e-4) for d in range(4)),
+                     network=network)
+        b = channel_block(spec, cl, i, j, range(4))
+        b.split["partial_c"] *= widen
+        held = [(d, (0, spec.units[i].in_chw[1]), (0, spec.units[i].in_chw[2]))
+                for d in range(4)]
+        return schedule_flow(cl, b, block_flow(b, held)).finish
+
+    fast, slow = price(1.25e8, "switched"), price(1.25e7, "switched")
+    assert slow > fast
+    assert price(1.25e8, "switched", widen=4) > fast
+    assert price(1.25e8, "shared") > fast
+
+
+def test_channel_split_blocks_validate_their_shares():
+    """A gap between two devices' channels, or a tile without the whole input map, is refused."""
+    from edgeci_mpi.plan import _check_split
+
+    _, mg = _traced("resnet18", (3, 64, 64))
+    i, j, _ = mg.spec.chan_splits[-1]
+    b = channel_block(mg.spec, load_cluster("boards-gigabit").resized(4), i, j, range(4))
+    _check_split(b)
+    gap = Plan.from_json(Plan("m", (3, 64, 64), "t", "c", ["a"] * 4, [b]).to_json()).blocks[0]
+    gap.split["channels"][1][0] += 1
+    with pytest.raises(ValueError, match="channel shares"):
+        _check_split(gap)
+    part = Plan.from_json(Plan("m", (3, 64, 64), "t", "c", ["a"] * 4, [b]).to_json()).blocks[0]
+    part.tiles[0].in_rows = (0, 1)
+    with pytest.raises(ValueError, match="whole"):
+        _check_split(part)
