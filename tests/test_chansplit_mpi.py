@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from edgeci_mpi.cost import Cluster, Device
-from edgeci_mpi.flows import block_flow, plan_flows, start_holdings
+from edgeci_mpi.flows import block_flow, start_holdings
 from edgeci_mpi.graph import trace
 from edgeci_mpi.models import build_model
 from edgeci_mpi.plan import Plan
@@ -25,6 +25,8 @@ from edgeci_mpi.runtime.emulate import Emulator
 from edgeci_mpi.strategies.baseline_common import speed_strips
 from edgeci_mpi.strategies.chanblock import channel_block, price_channel_block
 from edgeci_mpi.strategies.common import finish_plan, make_block, make_d2d_block
+
+from test_d2d_mpi import expected_bytes
 
 torch.set_num_threads(1)
 
@@ -59,34 +61,6 @@ def chan_plan(mg, n: int, cluster: Cluster | None = None) -> Plan:
     plan = finish_plan(spec, cluster, "chan", blocks)
     plan.validate(n)
     return plan
-
-
-def expected_bytes(plan: Plan, n: int) -> dict[int, tuple[int, int]]:
-    sent, recv = [0] * n, [0] * n
-    for b, f in zip(plan.blocks, plan_flows(plan)):
-        ci, co = b.in_chw[0] * 4, b.out_chw[0] * 4
-        for m in f.collect + f.inputs:
-            sent[m.src] += ci * m.pixels
-            recv[m.dst] += ci * m.pixels
-        for m in f.outputs:
-            sent[m.src] += co * m.pixels
-            recv[m.dst] += co * m.pixels
-        devs = sorted({t.device for t in b.tiles})
-        for _, nbytes in b.syncs if len(devs) > 1 else ():  # pools, gathers: root and back
-            for d in devs[1:]:
-                sent[d] += int(nbytes)
-                recv[d] += int(nbytes)
-                recv[devs[0]] += int(nbytes)
-                sent[devs[0]] += int(nbytes)
-        if not b.split:
-            continue
-        for t in b.tiles:  # every other device's partial sums over this tile
-            nb = b.split["partial_c"] * 4 * t.out_hw[0] * t.out_hw[1]
-            recv[t.device] += nb * (len(devs) - 1)
-            for d in devs:
-                if d != t.device:
-                    sent[d] += nb
-    return {r: (sent[r], recv[r]) for r in range(n)}
 
 
 @pytest.fixture(scope="module")

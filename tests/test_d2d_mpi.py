@@ -90,9 +90,10 @@ def mixed_plan(mg, n: int, last_star: bool = False, cluster: Cluster | None = No
 
 
 def expected_bytes(plan: Plan, n: int) -> dict[int, tuple[int, int]]:
-    """Per rank (sent, received) bytes of one image, from the plan's flows alone."""
-    sent = [0] * n
-    recv = [0] * n
+    """Per rank (sent, received) bytes of one image, from the plan alone: its flows, the
+    partial sums of its syncs (to the root and back) and of channel-split blocks' reduce-
+    scatters (every device's over each other device's tile)."""
+    sent, recv = [0] * n, [0] * n
     for b, f in zip(plan.blocks, plan_flows(plan)):
         ci, co = b.in_chw[0] * 4, b.out_chw[0] * 4
         for m in f.collect + f.inputs:
@@ -101,7 +102,23 @@ def expected_bytes(plan: Plan, n: int) -> dict[int, tuple[int, int]]:
         for m in f.outputs:
             sent[m.src] += co * m.pixels
             recv[m.dst] += co * m.pixels
+        devs = sorted({t.device for t in b.tiles})
+        for _, nbytes in b.syncs if len(devs) > 1 else ():  # pools, gathers: root and back
+            for d in devs[1:]:
+                sent[d] += int(nbytes)
+                recv[d] += int(nbytes)
+                recv[devs[0]] += int(nbytes)
+                sent[devs[0]] += int(nbytes)
+        if not b.split:
+            continue
+        for t in b.tiles:  # every other device's partial sums over this tile
+            nb = b.split["partial_c"] * 4 * t.out_hw[0] * t.out_hw[1]
+            recv[t.device] += nb * (len(devs) - 1)
+            for d in devs:
+                if d != t.device:
+                    sent[d] += nb
     return {r: (sent[r], recv[r]) for r in range(n)}
+
 
 
 # --- plain pytest: the hand plans are what they claim ----------------------------------------

@@ -27,23 +27,6 @@ from test_d2d_mpi import cluster_of, expected_bytes
 torch.set_num_threads(1)
 
 
-def sync_bytes(plan: Plan, n: int) -> dict[int, tuple[int, int]]:
-    """(sent, received) of every rank's partial sums: each device of a block with syncs sends
-    its partial to the root and gets the total back; the root the reverse, for each."""
-    out = {r: [0, 0] for r in range(n)}
-    for b in plan.blocks:
-        devs = b.devices
-        if len(b.tiles) < 2 or len(devs) < 2:
-            continue
-        for _, nbytes in b.syncs:
-            for d in devs[1:]:
-                out[d][0] += int(nbytes)
-                out[d][1] += int(nbytes)
-                out[devs[0]][0] += int(nbytes)
-                out[devs[0]][1] += int(nbytes)
-    return {r: (s, v) for r, (s, v) in out.items()}
-
-
 @pytest.fixture(scope="module")
 def comm():
     from edgeci_mpi.runtime.comm import Comm
@@ -64,10 +47,7 @@ def _run(comm, mg, model, plan: Plan | None, chw, images: int = 2, emulated: boo
     if comm.rank == 0:
         g = torch.Generator().manual_seed(5)
         ref = Executor(mg)
-        flows = expected_bytes(plan, comm.size)
-        syncs = sync_bytes(plan, comm.size)
-        want = {r: (flows[r][0] + syncs[r][0], flows[r][1] + syncs[r][1])
-                for r in range(comm.size)}
+        want = expected_bytes(plan, comm.size)  # flows and every sync's partial sums
         for i in range(images):
             x = torch.randn(1, *chw, generator=g)
             got = runner.run_image(x, i)
