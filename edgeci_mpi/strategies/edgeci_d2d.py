@@ -297,9 +297,15 @@ class _Planner:
                 self.star_options(i, j)
                 if not self.too_redundant(i, j):
                     self.d2d_options(i, j, last, margin, dead)
+        others = self.best(j)
         for i in self.chan_runs.get(j, ()):
             if self.states[i]:
                 self.channel_options(i, j, last, margin)
+        # a channel split's output tiles are row bands, as device-to-device strips are: it
+        # is kept only where it is the best way to boundary j (planning time)
+        for key in [k for k, s in self.states[j].items()
+                    if isinstance(k, tuple) and s.total >= others]:
+            del self.states[j][key]
         top = self.best(j)  # states that trail the best one by more than a reshuffle: dropped
         for key in [k for k, s in self.states[j].items() if s.total > top + margin]:
             del self.states[j][key]
@@ -367,7 +373,12 @@ class _Planner:
             if block is None:
                 continue
             held = [(t.device, t.out_rows, t.out_cols) for t in block.tiles]
-            floor = work / self.speed[k]
+            # at least its slowest device's compute, and every device receives the others'
+            # partial sums one behind another (all of them, on a shared medium)
+            msgs = (len(block.tiles) - 1) * (1 if self.cluster.network == "switched"
+                                             else len(block.tiles))
+            floor = max(work / self.speed[k], max(t.compute_s for t in block.tiles)) + \
+                msgs * self.least_latency
             for key in dict.fromkeys([STAR, best_d2d, k, ("chan", k)]):
                 st = prevs.get(key)
                 if st is None or st.total + floor >= self.best(j) + margin:
