@@ -1,15 +1,15 @@
 """The price of a channel-split block's meetings (``chansplit``): gathers and the reduce-scatter.
 
 Each device of a channel-split block (one tile per device, ``Block.split``) computes its share
-of the whole map up to the reduce-scatter - the work ``pre`` of its tile, in segments between
-the gathers of squeeze-excitation pools, each a small round as ``synccost`` prices them - and
-then every device sends every other its partial sums over that device's output tile: device
-``j`` receives ``partial_c x |tile_j|`` elements from each of the others.  The messages start
-when the slowest device is done (every tile needs every partial sum) and go through the
-network's links as any transfer does (``timeline._Links``: one medium, or each device's sending
-and receiving side in turn on a switched network), sender by sender in a rotated order (device
-``d``'s ``i``-th message goes to the ``i``-th device after it) so that no receiver is everyone's
-first; device ``j`` then adds them and computes the rest of its tile (``post``).
+of the whole map up to the scatter conv - the work ``pre`` of its tile, in segments between
+the gathers of squeeze-excitation pools, each a small round as ``synccost`` prices them - then
+that conv's partial sums tile by tile, each other device's tile first (device ``p``'s
+``i``-th goes to the ``i``-th device after it, so no tile is everyone's first), and sends each
+as soon as it is computed: the reduce-scatter overlaps the conv that feeds it.  Device ``j``
+receives ``partial_c x |tile_j|`` elements from each of the others; the messages go through
+the network's links as any transfer does (``timeline._Links``: one medium, or each device's
+sending and receiving side in turn on a switched network); once all are in, device ``j``
+adds them and computes the rest of its tile.
 
 Plain numbers: no torch, no MPI.
 """
@@ -20,38 +20,50 @@ from typing import Sequence
 from .synccost import synced_ends
 
 
-def scatter_arrivals(cluster, devices: Sequence[int], nbytes: Sequence[float], start: float,
-                     links, pair_time) -> list[float]:
-    """When the last partial sum for each of ``devices`` (rank order) has arrived, the messages
-    ready at ``start``; ``nbytes[j]``: one message to device ``j`` (its tile's partial sums);
-    ``links``: a ``timeline._Links`` to place them on, ``pair_time`` its message price."""
+def pieces(cluster, devices: Sequence[int], start: Sequence[float], piece_s, nbytes:
+           Sequence[float], links, pair_time) -> tuple[list[float], list[float]]:
+    """The pipelined reduce-scatter: device ``p`` (of ``devices``, rank order) starts its
+    partial sums at ``start[p]``, computes the one over tile ``j`` in ``piece_s(p, j)``
+    seconds, the other tiles first in ``chansplit.piece_order``, and sends each as soon as it
+    is done (``nbytes[j]``: one message to tile ``j``; placed on ``links`` with
+    ``pair_time``).  Returns (when each device is done with its own tile's partial, when
+    the last message for each tile has arrived)."""
     devs = cluster.devices
     k = len(devices)
-    arrive = [start] * k
-    for i in range(1, k):
-        for s in range(k):
-            j = (s + i) % k
-            src, dst = devices[s], devices[j]
-            t = links.place(src, dst, start, pair_time(devs, src, dst, nbytes[j]))
-            if t > arrive[j]:
-                arrive[j] = t
-    return arrive
+    t = list(start)
+    got = [0.0] * k
+    for i in range(1, k):        # round by round: messages are placed about in time order
+        for p in range(k):
+            j = (p + i) % k
+            t[p] += piece_s(p, j)
+            src, dst = devices[p], devices[j]
+            arrive = links.place(src, dst, t[p], pair_time(devs, src, dst, nbytes[j]))
+            if arrive > got[j]:
+                got[j] = arrive
+    done = [t[p] + piece_s(p, p) for p in range(k)]
+    return done, got
 
 
 def channel_ends(cluster, tiles: Sequence[tuple[int, float]], arrive: Sequence[float],
-                 free: dict[int, float], slow: dict[int, float], syncs, pre: Sequence[float],
-                 nbytes: Sequence[float], links, pair_time) -> list[float]:
+                 free: dict[int, float], slow: dict[int, float], syncs, split,
+                 links, pair_time) -> list[float]:
     """Each tile's end in a channel-split block: ``arrive[k]`` when tile ``k``'s input is in
-    and assembled, ``pre[k]`` its work before the reduce-scatter (the rest of its ``work``
-    after), ``syncs`` its gathers (``Block.syncs``, shares of ``pre``), ``nbytes[k]`` one
-    partial-sum message to it; ``links``: fresh ``timeline._Links`` of the network."""
+    and assembled; ``split`` per tile (work before the scatter conv, the scatter conv's work
+    over the whole map, bytes of one partial-sum message to it); ``syncs`` its gathers
+    (``Block.syncs``, shares of the first work); ``links``: fresh ``timeline._Links`` of the
+    network.  Each device computes its first work (in segments met at the gathers), then its
+    partial sums tile by tile, sending each as it is done (:func:`pieces`); a tile's device
+    adds them once all have come and computes the rest of its tile."""
+    pre, scatter, nbytes = split
     devs = cluster.devices
     devices = [d for d, _ in tiles]
-    first = [devs[d].compute_time(p) * slow[d] for (d, _), p in zip(tiles, pre)]
-    rest = [max(0.0, w - p) / devs[d].flops_per_s * slow[d] for (d, w), p in zip(tiles, pre)]
+    share = [b / sum(nbytes) if sum(nbytes) > 0 else 1.0 / len(tiles) for b in nbytes]
+    speed = [devs[d].flops_per_s / slow[d] for d in devices]
+    first = [devs[d].compute_time(p) * slow[d] for d, p in zip(devices, pre)]
+    rest = [max(0.0, w - p - s) / v for (_, w), p, s, v in zip(tiles, pre, scatter, speed)]
     reach = synced_ends(cluster, devices, list(arrive), first, free, syncs) if syncs else None
     if reach is None:
         reach = [a + f for a, f in zip(arrive, first)]
-    start = max(reach, default=0.0)
-    got = scatter_arrivals(cluster, devices, nbytes, start, links, pair_time)
-    return [max(r, g) + x for r, g, x in zip(reach, got, rest)]
+    done, got = pieces(cluster, devices, reach, lambda p, j: scatter[p] * share[j] / speed[p],
+                       nbytes, links, pair_time)
+    return [max(d, g) + x for d, g, x in zip(done, got, rest)]

@@ -159,7 +159,8 @@ def _propagate(nodes, index, inp, kinds, gm, unsplit, out_hw) -> ChannelSplit | 
         if SLICED in st:
             if m is not None:
                 if m.groups == 1:
-                    if scatter >= 0 or shape is None or tuple(shape[2:]) != out_hw:
+                    if scatter >= 0 or shape is None or tuple(shape[2:]) != out_hw or \
+                            isinstance(m.padding, str):
                         raise _Conflict([a for a in ins if state.get(a) == SLICED])
                     scatter, partial_c = index[n], m.out_channels
                     state[n] = STRIP
@@ -235,20 +236,23 @@ class ChannelRunner:
                         if n.op == "call_module"}
         self.out_hw = tuple(mg.spec.units[stop - 1].out_chw[1:])
 
-    def steps(self, x: torch.Tensor, channels: tuple[int, int], rect: Rect
-              ) -> Generator[tuple[str, Any], Any, torch.Tensor]:
-        """This device's part: ``x`` is the unit's whole input map; yields ``("gather",
-        Partial)`` (its zero-padded per-channel values, sent: the total) and ``("scatter",
-        partial map)`` (sent: the sum over ``rect`` of every device's partial map); returns
-        the output tile ``rect``.  Call it under ``torch.no_grad()`` (as the executors do):
+    def steps(self, x: torch.Tensor, channels: tuple[int, int], rects: Sequence[Rect],
+              me: int) -> Generator[tuple, Any, torch.Tensor]:
+        """Device ``me``'s part (of devices whose output tiles are ``rects``, in rank order):
+        ``x`` is the unit's whole input map.  Yields ``("gather", Partial)`` (its zero-padded
+        per-channel values; sent: the total), then for the scatter conv one ``("piece", j,
+        partial)`` per other tile ``j`` - its partial sums over ``rects[j]`` as soon as they
+        are computed, in :func:`piece_order` (sent: nothing) - and ``("scatter", partial)``
+        for its own tile (sent: the sum of every device's partial over it, in rank order);
+        returns its output tile.  Call it under ``torch.no_grad()`` (as the executors do):
         a grad-mode context inside interleaved generators would not restore the mode."""
-        return (yield from self._steps(x, channels, rect))
+        return (yield from self._steps(x, channels, rects, me))
 
-    def _steps(self, x, channels, rect):
+    def _steps(self, x, channels, rects, me):
         c0, c1 = channels
         kinds = self.mg.kinds
         env: dict[fx.Node, Any] = {self.input_node: x.clone()}
-        (r0, r1), (q0, q1) = rect
+        (r0, r1), (q0, q1) = rects[me]
         for n in self.nodes:
             st = self.state[n]
             m = self.modules.get(n)
@@ -258,9 +262,10 @@ class ChannelRunner:
                              None if conv.bias is None else conv.bias[c0:c1], conv.stride,
                              conv.padding, conv.dilation, 1)
             elif n is self.scatter:
-                part = F.conv2d(self._arg(n, env), conv.weight[:, c0:c1], None, conv.stride,
-                                conv.padding, conv.dilation, 1)
-                total = yield ("scatter", part)
+                pieces = _PartialConv(self._arg(n, env), conv, c0, c1)
+                for j in piece_order(len(rects), me):
+                    yield ("piece", j, pieces.over(rects[j]))
+                total = yield ("scatter", pieces.over(rects[me]))
                 v = total if conv.bias is None else total + conv.bias.view(1, -1, 1, 1)
             elif n in self.gather:
                 local = self._run(n, env, lambda a: env[a])
@@ -334,16 +339,33 @@ class ChannelRunner:
         return getattr(args[0], n.target)(*args[1:], **kwargs)
 
 
-def meet(parts: Sequence[torch.Tensor], rects: Sequence[Rect]) -> list[torch.Tensor]:
-    """The reduce-scatter in one process: per rect, every partial map cut to it and added in
-    the order given (the devices' rank order, as ``runtime.chanround`` adds them)."""
-    out = []
-    for (r0, r1), (q0, q1) in rects:
-        acc = parts[0][:, :, r0:r1, q0:q1].clone()
-        for p in parts[1:]:
-            acc += p[:, :, r0:r1, q0:q1]
-        out.append(acc)
-    return out
+def piece_order(k: int, me: int) -> list[int]:
+    """The other tiles in the order device ``me`` of ``k`` computes and sends their partial
+    sums: the one after it first, round the ring (so that no tile is everyone's first)."""
+    return [(me + i) % k for i in range(1, k)]
+
+
+class _PartialConv:
+    """The scatter conv over a device's slice of input channels, one output rectangle at a
+    time: the zero-padded slice cut to the rectangle's window, convolved without padding."""
+
+    def __init__(self, x: torch.Tensor, conv, c0: int, c1: int):
+        ph, pw = _pair(conv.padding)
+        self.x = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+        self.w = conv.weight[:, c0:c1]
+        self.stride, self.dilation = _pair(conv.stride), _pair(conv.dilation)
+        self.kernel = tuple(conv.weight.shape[2:])
+
+    def over(self, rect: Rect) -> torch.Tensor:
+        (a0, a1), (b0, b1) = rect
+        (sr, sc), (dr, dc), (kr, kc) = self.stride, self.dilation, self.kernel
+        x = self.x[:, :, a0 * sr:(a1 - 1) * sr + (kr - 1) * dr + 1,
+                   b0 * sc:(b1 - 1) * sc + (kc - 1) * dc + 1]
+        return F.conv2d(x, self.w, None, self.stride, 0, self.dilation)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def gathered(parts: Sequence[Partial]) -> torch.Tensor:
@@ -351,22 +373,37 @@ def gathered(parts: Sequence[Partial]) -> torch.Tensor:
     return on_wire(combine([on_wire(p) for p in parts])).value
 
 
+def add_in_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Partial sums over one tile, added in the order given (rank order, as every rank adds)."""
+    acc = parts[0].clone()
+    for p in parts[1:]:
+        acc += p
+    return acc
+
+
 @torch.no_grad()
 def drive_channels(gens: list[Generator], rects: Sequence[Rect]) -> list[torch.Tensor]:
     """Every device's generator (:meth:`ChannelRunner.steps`, in rank order) in lockstep:
-    gathers added, the reduce-scatter met (:func:`meet`); returns each device's tile."""
+    gathers added, partial sums collected per tile and added in rank order; returns each
+    device's tile."""
+    k = len(gens)
     steps = [next(g) for g in gens]
-    outs: list[Any] = [None] * len(gens)
+    outs: list[Any] = [None] * k
     while True:
         kinds = {s[0] for s in steps}
-        if len(kinds) != 1:
-            raise RuntimeError("the devices of one channel-split unit got out of step")
-        kind = kinds.pop()
-        if kind == "gather":
+        if kinds == {"gather"}:
             total = gathered([s[1] for s in steps])
-            answers = [total] * len(gens)
+            answers = [total] * k
+        elif kinds <= {"piece", "scatter"}:
+            parts: list[dict[int, torch.Tensor]] = [dict() for _ in range(k)]
+            for d in range(k):
+                while steps[d][0] == "piece":
+                    parts[steps[d][1]][d] = steps[d][2]
+                    steps[d] = gens[d].send(None)
+                parts[d][d] = steps[d][1]
+            answers = [add_in_order([parts[j][d] for d in range(k)]) for j in range(k)]
         else:
-            answers = meet([s[1] for s in steps], rects)
+            raise RuntimeError("the devices of one channel-split unit got out of step")
         nxt = []
         for i, (g, a) in enumerate(zip(gens, answers)):
             try:
@@ -379,4 +416,3 @@ def drive_channels(gens: list[Generator], rects: Sequence[Rect]) -> list[torch.T
         if any(s is None for s in nxt):
             raise RuntimeError("the devices of one channel-split unit got out of step")
         steps = nxt
-

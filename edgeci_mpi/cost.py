@@ -283,9 +283,10 @@ def schedule_flow(cluster: Cluster, block: Block, flow: BlockFlow, bytes_per_ele
     last = len(flow.held) > len(block.tiles)  # rank 0 assembles the map the head needs
     stitch = co * oh * ow * bytes_per_element if last and not single else 0.0
     split = None
-    if block.split:  # channel split: each tile's work before the reduce-scatter, its message
+    if block.split:  # channel split: each tile's work before and in its scatter conv, message
         pc = block.split["partial_c"] * bytes_per_element
-        split = (block.split["pre"], [pc * t.out_hw[0] * t.out_hw[1] for t in block.tiles])
+        split = (block.split["pre"], block.split["scatter"],
+                 [pc * t.out_hw[0] * t.out_hw[1] for t in block.tiles])
     return timeline(cluster, tiles, inputs, outputs, star=False, assemble=assemble,
                     stitch_bytes=stitch, ends=ends, syncs=block.syncs, ready=ready, split=split)
 

@@ -400,8 +400,8 @@ class Executor:
             if block.split:  # every device's channels of the whole map, tiles met
                 run = self.channel_runner(block.start, block.stop)
                 rects = [(t.out_rows, t.out_cols) for t in block.tiles]
-                gens = [run.steps(x, tuple(ch), r)
-                        for ch, r in zip(block.split["channels"], rects)]
+                gens = [run.steps(x, tuple(ch), rects, me)
+                        for me, ch in enumerate(block.split["channels"])]
                 for t, y in zip(block.tiles, drive_channels(gens, rects)):
                     out[:, :, t.out_rows[0]:t.out_rows[1], t.out_cols[0]:t.out_cols[1]] = y
                 x = out

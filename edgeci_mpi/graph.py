@@ -246,8 +246,8 @@ def _channel_splits(groups: list[list[fx.Node]], inputs: list[fx.Node], kinds, g
             how = analyse(nodes, inputs[i], kinds, gm)
             if how is None:
                 continue
-            pre, sliced, post, strip = how.works([op for u in units[i:j] for op in u.ops])
-            if pre + post <= CHANNEL_WHOLE * (pre + sliced + post + strip):
+            pre, sliced, scatter, post, strip = how.works([op for u in units[i:j] for op in u.ops])
+            if pre + post <= CHANNEL_WHOLE * (pre + sliced + scatter + post + strip):
                 out.append((i, j, how))
     return tuple(out)
 

@@ -64,8 +64,10 @@ class Block:
     #: sync, [share of the block's work done before it, bytes of one partial sum]
     syncs: list[list[float]] = field(default_factory=list)
     #: a channel-split block (``chansplit``; device to device): {"channels": per tile [first,
-    #: end) of the split channels, "pre": per tile the work before the reduce-scatter,
-    #: "partial_c": channels of the map it reduce-scatters}; {} for spatial tiles.  Its tiles,
+    #: end) of the split channels, "pre": per tile the work before its scatter conv,
+    #: "scatter": per tile that conv's work over the whole map (its partial sums, computed
+    #: and sent tile by tile), "partial_c": channels of the map it reduce-scatters}; {} for
+    #: spatial tiles.  Its tiles,
     #: one per device in rank order, each need the whole input map and own an output tile.
     split: dict = field(default_factory=dict)
 
@@ -199,7 +201,8 @@ def _split(d: dict) -> dict:
     if not d:
         return {}
     return {"channels": [[int(a), int(b)] for a, b in d["channels"]],
-            "pre": [float(w) for w in d["pre"]], "partial_c": int(d["partial_c"])}
+            "pre": [float(w) for w in d["pre"]], "scatter": [float(w) for w in d["scatter"]],
+            "partial_c": int(d["partial_c"])}
 
 
 def _check_split(b: Block) -> None:
@@ -207,7 +210,7 @@ def _check_split(b: Block) -> None:
     chans = b.split["channels"]
     _, ih, iw = b.in_chw
     if b.source != "d2d" or devs != sorted(set(devs)) or len(chans) != len(b.tiles) or \
-            len(b.split["pre"]) != len(b.tiles):
+            len(b.split["pre"]) != len(b.tiles) or len(b.split["scatter"]) != len(b.tiles):
         raise ValueError(f"block {b.name}: a channel-split block needs one tile per device in "
                          "rank order, each with its channels, device to device")
     if any((t.in_rows, t.in_cols) != ((0, ih), (0, iw)) for t in b.tiles):

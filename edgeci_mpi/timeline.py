@@ -139,7 +139,7 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
              ends: dict[int, float] | None = None,
              syncs: Sequence[Sequence[float]] = (),
              ready: dict[int, float] | None = None,
-             split: tuple[Sequence[float], Sequence[float]] | None = None) -> Timeline:
+             split: tuple | None = None) -> Timeline:
     """The one timing model of a block (planners, simulator and emulation all call it, through
     :func:`schedule` and :func:`schedule_flow`).
 
@@ -164,8 +164,9 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
     A block is done when every tile is computed and every output has arrived.  ``ready``
     (device-to-device blocks chained by ``cost.chain_blocks``): when each device is done with
     the previous block - it sends and computes no earlier; times are then on that clock.
-    ``split`` (a channel-split block: per tile its work before the reduce-scatter and the
-    bytes of one partial-sum message to it): step 4 is ``chancost.channel_ends``."""
+    ``split`` (a channel-split block: per tile its work before its scatter conv, that conv's
+    work, and the bytes of one partial-sum message to it): step 4 is
+    ``chancost.channel_ends``."""
     devs = cluster.devices
     links = _Links(cluster.network)
     copy = [d.copy_s_per_byte for d in devs]
@@ -246,7 +247,7 @@ def _compute(cluster: Cluster, tiles: Sequence[tuple[int, float]], need: list[fl
         free[d] = e
         end.append(e)
     if split is not None and ends is None:  # channel split: gathers, the reduce-scatter
-        end = channel_ends(cluster, tiles, arrive, free_before, slow, syncs, split[0], split[1],
+        end = channel_ends(cluster, tiles, arrive, free_before, slow, syncs, split,
                            _Links(cluster.network), pair_time)
     elif syncs and ends is None:  # squeeze-excitation pools: every device meets at each
         end = block_ends(cluster, tiles, need, star_start or 0.0, slow, assemble,

@@ -35,33 +35,35 @@ class ChannelSplit:
     gathers: tuple[int, ...] = ()
     granule: int = 1          # shares are whole multiples of this (a grouped conv's group size)
 
-    def works(self, ops) -> tuple[float, float, float, float]:
-        """(whole work before the scatter, sliced work, whole work after it, tile work) of
-        the unit's ``ops`` (``UnitSpec.ops``: work per op from its map size): a device with
-        the share ``s`` of the channels and ``a`` of the output does
-        ``full_pre + s * sliced`` before the reduce-scatter, ``full_post + a * strip`` after."""
-        out = [0.0, 0.0, 0.0, 0.0]
+    def works(self, ops) -> tuple[float, float, float, float, float]:
+        """(whole work before the scatter conv, sliced work, the scatter conv's, whole work
+        after it, tile work) of the unit's ``ops`` (``UnitSpec.ops``: work per op from its
+        map size): a device with the share ``s`` of the channels and ``a`` of the output does
+        ``full_pre + s * sliced`` first, then ``s * scatter`` (its partial sums of the whole
+        map), then ``full_post + a * strip`` on its tile."""
+        out = [0.0] * 5
         for i, (op, st) in enumerate(zip(ops, self.states)):
             w = op.flops_per_pixel * op.out_hw[0] * op.out_hw[1]
-            if st == SLICED:
+            if i == self.scatter:
+                out[2] += w
+            elif st == SLICED:
                 out[1] += w
             elif st == STRIP:
-                out[3] += w
+                out[4] += w
             else:
-                out[0 if i < self.scatter else 2] += w
-        return out[0], out[1], out[2], out[3]
+                out[0 if i < self.scatter else 3] += w
+        return out[0], out[1], out[2], out[3], out[4]
 
     def gather_fractions(self, ops, share: float) -> list[float]:
-        """Per gather, the share of a device's pre-scatter work done before it (for the
-        channel ``share`` of an even split)."""
+        """Per gather, the share of a device's work before the scatter conv done before it
+        (for the channel ``share`` of an even split)."""
         pre_w = []
         for i, (op, st) in enumerate(zip(ops, self.states)):
             if i >= self.scatter:
                 break
             w = op.flops_per_pixel * op.out_hw[0] * op.out_hw[1]
             pre_w.append(w * share if st == SLICED else w)
-        total = sum(pre_w) + ops[self.scatter].flops_per_pixel * ops[self.scatter].out_hw[0] \
-            * ops[self.scatter].out_hw[1] * share
+        total = sum(pre_w)
         return [sum(pre_w[:g + 1]) / total if total > 0 else 0.0 for g in self.gathers]
 
 

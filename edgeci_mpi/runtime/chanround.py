@@ -7,16 +7,18 @@ where the generator yields:
 * a **gather** (a squeeze-excitation pool): its zero-padded per-channel values go to the
   block's root and the total comes back (``syncround.BlockSyncs.exchange``: root-and-back,
   added in rank order, the same bits on every rank);
-* the **reduce-scatter**: it sends every other device its partial sums over that device's
-  output tile (float32 buffers, non-blocking, on the syncs communicator), receives theirs over
-  its own tile and adds all of them in rank order - exactly ``chansplit.meet``, so a
-  distributed run equals the in-process ``Executor`` bit for bit.
+* the **reduce-scatter**: it posts a receive of every other device's partial sums over its
+  own output tile, sends each other device its partial sums over that device's tile as soon
+  as the scatter conv has computed them (float32 buffers, non-blocking, on the syncs
+  communicator; the conv's later pieces run while the earlier ones travel), and once all
+  are in adds them in rank order - exactly ``chansplit.drive_channels``, so a distributed
+  run equals the in-process ``Executor`` bit for bit.
 
 Every wait is the runtime's watched wait: a peer that dies inside the block is named by the
 heartbeats, never waited on forever.  Under emulation each segment's compute is stretched to
-its modelled time (the tile's work before and after the reduce-scatter), a gather delayed as
-any sync round, the reduce-scatter by the modelled arrival of this device's last message
-(``chancost.scatter_arrivals``).  No plan decisions here.
+its modelled time (the work before the scatter conv, each of its pieces, the rest of the
+tile), a gather delayed as any sync round, the reduce-scatter to the modelled arrival of the
+last partial sum for this tile (``chancost.pieces``).  No plan decisions here.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import time
 import numpy as np
 import torch
 
-from ..chancost import scatter_arrivals
+from ..chancost import pieces
+from ..chansplit import add_in_order
 from ..plan import Block
 from ..timeline import _Links, pair_time
 from .emulate import sleep_until
@@ -45,66 +48,93 @@ def _compute(runner, bi: int, block: Block, ti: int, x: torch.Tensor, image: int
     sy: BlockSyncs = runner.syncs[bi]
     tile = block.tiles[ti]
     rects = [(t.out_rows, t.out_cols) for t in block.tiles]
-    gen = run.steps(x, tuple(block.split["channels"][ti]), rects[ti])
-    pre = block.split["pre"][ti]
-    busy, seg_t0, value, k, scattered = 0.0, time.perf_counter(), None, 0, False
+    gen = run.steps(x, tuple(block.split["channels"][ti]), rects, ti)
+    pre, scatter = block.split["pre"][ti], block.split["scatter"][ti]
+    share = _shares(rects)
+    emu = runner.emulator
+    busy, seg, value, k = 0.0, time.perf_counter(), None, 0
+    rs: _Scatter | None = None
     while True:
         try:
-            kind, payload = next(gen) if value is None else gen.send(value)
+            event = next(gen) if value is None else gen.send(value)
         except StopIteration as done:
-            took = time.perf_counter() - seg_t0
-            runner.emulator.stretch_compute(max(0.0, tile.flops - pre) if scattered
-                                            else tile.flops, took, image)
-            busy += time.perf_counter() - seg_t0
-            runner.last[bi, ti] = busy
+            took = time.perf_counter() - seg
+            emu.stretch_compute(max(0.0, tile.flops - pre - scatter), took, image, call=False)
+            runner.last[bi, ti] = busy + time.perf_counter() - seg
             return done.value.contiguous()
-        took = time.perf_counter() - seg_t0
-        if kind == "gather":
+        took = time.perf_counter() - seg
+        value = None
+        if event[0] == "gather":
             busy += took
-            value = sy.exchange(runner, k, payload)
+            value = sy.exchange(runner, k, event[1])
             k += 1
-        else:
-            runner.emulator.stretch_compute(pre, busy + took, image)
-            busy += time.perf_counter() - seg_t0
-            value = _scatter(runner, bi, block, ti, payload, rects, sy, k)
-            scattered = True
-        seg_t0 = time.perf_counter()
+        elif rs is None or event[0] in ("piece", "scatter"):
+            if rs is None:  # the first work done: its modelled time, then the receives
+                emu.stretch_compute(pre, busy + took, image)
+                rs = _Scatter(runner, bi, block, ti, rects, sy, k)
+            else:
+                j = event[1] if event[0] == "piece" else ti
+                emu.stretch_compute(scatter * share[j], took, image, call=False)
+            busy += time.perf_counter() - seg
+            if event[0] == "piece":
+                rs.send(event[1], event[2])
+            else:
+                value = rs.finish(event[1])
+        seg = time.perf_counter()
 
 
-def _scatter(runner, bi: int, block: Block, ti: int, part: torch.Tensor, rects, sy: BlockSyncs,
-             k: int) -> torch.Tensor:
-    """The reduce-scatter: this device's partial sums out to every other tile, theirs over
-    its own tile in, all added in rank order."""
-    comm = runner.comm
-    tag = comm.sync_tag(bi, k, sy.per_block)
-    devs = [t.device for t in block.tiles]
-    (r0, r1), (q0, q1) = rects[ti]
-    t0 = time.perf_counter()
-    bufs = {j: np.empty((1, part.shape[1], r1 - r0, q1 - q0), dtype=np.float32)
-            for j in range(len(devs)) if j != ti}
-    reqs = [comm.irecv_partial(bufs[j], devs[j], tag) for j in bufs]
-    outs = []
-    for j, ((a0, a1), (b0, b1)) in enumerate(rects):
-        if j == ti:
-            continue
-        piece = np.ascontiguousarray(part[:, :, a0:a1, b0:b1].numpy())
-        outs.append(piece)
-        reqs.append(comm.isend_partial(piece, devs[j], tag))
-    comm.wait_all(reqs, f"block {bi} ({block.name}) partial sums to and from ranks "
-                        f"{','.join(str(d) for d in devs if d != runner.rank)}")
-    runner.sent += sum(p.nbytes for p in outs)
-    runner.received += sum(b.nbytes for b in bufs.values())
-    emu = runner.emulator
-    if any(emu.emulates_pair(d, runner.rank) for d in devs if d != runner.rank):
-        nbytes = [block.split["partial_c"] * 4 * (a1 - a0) * (b1 - b0)
-                  for (a0, a1), (b0, b1) in rects]
-        got = scatter_arrivals(emu.view, devs, nbytes, 0.0, _Links(emu.view.network), pair_time)
-        sleep_until(t0 + got[ti])
-    acc = None
-    for j in range(len(devs)):
-        v = part[:, :, r0:r1, q0:q1] if j == ti else torch.from_numpy(bufs[j])
-        if acc is None:
-            acc = v.clone()
-        else:
-            acc += v
-    return acc
+def _shares(rects) -> list[float]:
+    px = [(a1 - a0) * (b1 - b0) for (a0, a1), (b0, b1) in rects]
+    return [p / sum(px) for p in px]
+
+
+class _Scatter:
+    """This device's reduce-scatter: every other device's partial sums over its tile
+    received (posted at once), its own partial sums over each other tile sent as soon as
+    they are computed; at the end all of them added in rank order."""
+
+    def __init__(self, runner, bi: int, block: Block, ti: int, rects, sy: BlockSyncs, k: int):
+        self.runner, self.bi, self.block, self.ti, self.rects = runner, bi, block, ti, rects
+        self.comm = runner.comm
+        self.tag = self.comm.sync_tag(bi, k, sy.per_block)
+        self.devs = [t.device for t in block.tiles]
+        (r0, r1), (q0, q1) = rects[ti]
+        c = block.split["partial_c"]
+        self.bufs = {j: np.empty((1, c, r1 - r0, q1 - q0), dtype=np.float32)
+                     for j in range(len(self.devs)) if j != ti}
+        self.recvs = [self.comm.irecv_partial(b, self.devs[j], self.tag)
+                      for j, b in self.bufs.items()]
+        self.sends: list = []
+        self.keep: list[np.ndarray] = []
+        self.t0 = time.perf_counter()
+
+    def send(self, j: int, part: torch.Tensor) -> None:
+        piece = np.ascontiguousarray(part.numpy())
+        self.keep.append(piece)
+        self.sends.append(self.comm.isend_partial(piece, self.devs[j], self.tag))
+
+    def finish(self, own: torch.Tensor) -> torch.Tensor:
+        runner, devs = self.runner, self.devs
+        self.comm.wait_all(self.recvs + self.sends,
+                           f"block {self.bi} ({self.block.name}) partial sums to and from ranks "
+                           f"{','.join(str(d) for d in devs if d != runner.rank)}")
+        runner.sent += sum(p.nbytes for p in self.keep)
+        runner.received += sum(b.nbytes for b in self.bufs.values())
+        emu = runner.emulator
+        if any(emu.emulates_pair(d, runner.rank) for d in devs if d != runner.rank):
+            sleep_until(self.t0 + self._modelled(emu))
+        return add_in_order([own if j == self.ti else torch.from_numpy(self.bufs[j])
+                             for j in range(len(devs))])
+
+    def _modelled(self, emu) -> float:
+        """When the last partial sum for this tile arrives in the model, from the moment every
+        device began its partial sums (``chancost.pieces`` on the emulated links)."""
+        block, view = self.block, emu.view
+        share = _shares(self.rects)
+        c = block.split["partial_c"] * 4
+        nbytes = [c * (a1 - a0) * (b1 - b0) for (a0, a1), (b0, b1) in self.rects]
+        speed = [view.devices[d].flops_per_s for d in self.devs]
+        _, got = pieces(view, self.devs, [0.0] * len(self.devs),
+                        lambda p, j: block.split["scatter"][p] * share[j] / speed[p],
+                        nbytes, _Links(view.network), pair_time)
+        return got[self.ti]

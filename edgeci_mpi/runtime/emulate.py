@@ -107,10 +107,14 @@ class Emulator:
         t = schedule_flow(self.view, block, flow, self.bytes_per_element, ends=rel)
         return start + max(t.moves_out, default=0.0)
 
-    def stretch_compute(self, flops: float, measured_s: float, image: int = -1) -> None:
+    def stretch_compute(self, flops: float, measured_s: float, image: int = -1,
+                        call: bool = True) -> None:
         """Sleep so that a tile computed in ``measured_s`` takes the modelled time (and the
-        injected slowdown, if this rank is the straggler at this image)."""
-        target = self.device.compute_time(flops) if self.device is not None else 0.0
+        injected slowdown, if this rank is the straggler at this image); ``call=False``: a
+        piece of a call already begun (no second per-call overhead)."""
+        dev = self.device
+        target = 0.0 if dev is None else dev.compute_time(flops) if call else \
+            flops / dev.flops_per_s
         target = max(target, measured_s)
         if self.slowdown is not None:
             target *= self.slowdown.factor_at(self.rank, image)

@@ -63,7 +63,7 @@ def channel_block(spec: ModelSpec, cluster: Cluster, start: int, stop: int,
         return None
     units = spec.units[start:stop]
     ops = [op for u in units for op in u.ops]
-    pre, sliced, post, strip = how.works(ops)
+    pre, sliced, scatter, post, strip = how.works(ops)
     fixed = sum(u.fixed_work for u in units)
     c_in, ih, iw = units[0].in_chw
     c_out, h, w = units[-1].out_chw
@@ -74,22 +74,23 @@ def channel_block(spec: ModelSpec, cluster: Cluster, start: int, stop: int,
     g = how.granule
     chans = [(a * g, b * g) for a, b in split_sizes(speed_shares(how.channels // g, speeds))]
     slow = contention(cluster, devices)
-    tiles, pres = [], []
+    tiles, pres, scatters = [], [], []
     for (d, rows, cols), (c0, c1) in zip(rects, chans):
         s = (c1 - c0) / how.channels
         a = (rows[1] - rows[0]) * (cols[1] - cols[0]) / (h * w)
         before = fixed + pre + s * sliced
-        work = before + post + a * strip
+        work = before + s * scatter + post + a * strip
         dev = cluster.devices[d]
         tiles.append(Tile(d, rows, cols, (0, ih), (0, iw), work, 0.0,
                           dev.compute_time(work) * slow[d], 0.0))
         pres.append(before)
+        scatters.append(s * scatter)
     share = 1.0 / len(devices)
     syncs = [[f, float(how.channels * 4)] for f in how.gather_fractions(ops, share)]
     return Block(start, stop, block_name(spec, start, stop), (c_in, ih, iw), (c_out, h, w),
                  tiles, source="d2d", syncs=syncs,
                  split={"channels": [list(c) for c in chans], "pre": pres,
-                        "partial_c": how.partial_c})
+                        "scatter": scatters, "partial_c": how.partial_c})
 
 
 def price_channel_block(block: Block, cluster: Cluster, before: Sequence[Piece], last: bool,
