@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .opkinds import (ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES,
-                      data_inputs, shape_of)
+                      data_inputs, mutated_arg, shape_of)
 from .reduction import Partial, combine, on_wire
 from .units import FULL, SLICED, STRIP, ChannelSplit
 
@@ -235,6 +235,19 @@ class ChannelRunner:
         self.modules = {n: mg.gm.get_submodule(n.target) for n in self.nodes
                         if n.op == "call_module"}
         self.out_hw = tuple(mg.spec.units[stop - 1].out_chw[1:])
+        self.copy_input = any(mutated_arg(n, self.modules.get(n)) is self.input_node
+                              for n in self.nodes)  # else the caller's map is read, never written
+        self._slices: dict[tuple, tuple] = {}
+
+    def _weights(self, n: fx.Node, conv, c0: int, c1: int, inputs: bool = False) -> tuple:
+        """A conv's weights for channels ``[c0, c1)`` of its output (or, ``inputs``, of its
+        input: the scatter conv), contiguous, made once per share."""
+        key = (n, c0, c1)
+        if key not in self._slices:
+            w = conv.weight[:, c0:c1] if inputs else conv.weight[c0:c1]
+            b = None if conv.bias is None or inputs else conv.bias[c0:c1].contiguous()
+            self._slices[key] = (w.contiguous(), b)
+        return self._slices[key]
 
     def steps(self, x: torch.Tensor, channels: tuple[int, int], rects: Sequence[Rect],
               me: int) -> Generator[tuple, Any, torch.Tensor]:
@@ -251,18 +264,18 @@ class ChannelRunner:
     def _steps(self, x, channels, rects, me):
         c0, c1 = channels
         kinds = self.mg.kinds
-        env: dict[fx.Node, Any] = {self.input_node: x.clone()}
+        env: dict[fx.Node, Any] = {self.input_node: x.clone() if self.copy_input else x}
         (r0, r1), (q0, q1) = rects[me]
         for n in self.nodes:
             st = self.state[n]
             m = self.modules.get(n)
             conv = kinds[n].op if kinds[n].kind == "conv" else None
             if n in self.split:
-                v = F.conv2d(self._arg(n, env), conv.weight[c0:c1],
-                             None if conv.bias is None else conv.bias[c0:c1], conv.stride,
-                             conv.padding, conv.dilation, 1)
+                w, b = self._weights(n, conv, c0, c1)
+                v = F.conv2d(self._arg(n, env), w, b, conv.stride, conv.padding, conv.dilation, 1)
             elif n is self.scatter:
-                pieces = _PartialConv(self._arg(n, env), conv, c0, c1)
+                pieces = _PartialConv(self._arg(n, env), conv, self._weights(n, conv, c0, c1,
+                                                                           inputs=True)[0])
                 for j in piece_order(len(rects), me):
                     yield ("piece", j, pieces.over(rects[j]))
                 total = yield ("scatter", pieces.over(rects[me]))
@@ -277,9 +290,9 @@ class ChannelRunner:
             elif st == SLICED:
                 if conv is not None:  # a grouped (depthwise) conv on the slice's groups
                     group = conv.in_channels // conv.groups
-                    v = F.conv2d(self._arg(n, env), conv.weight[c0:c1],
-                                 None if conv.bias is None else conv.bias[c0:c1], conv.stride,
-                                 conv.padding, conv.dilation, (c1 - c0) // group)
+                    w, b = self._weights(n, conv, c0, c1)
+                    v = F.conv2d(self._arg(n, env), w, b, conv.stride, conv.padding,
+                                 conv.dilation, (c1 - c0) // group)
                 elif m is not None and _is_bn(m):
                     v = F.batch_norm(env[data_inputs(n)[0]], m.running_mean[c0:c1],
                                      m.running_var[c0:c1],
@@ -349,10 +362,10 @@ class _PartialConv:
     """The scatter conv over a device's slice of input channels, one output rectangle at a
     time: the zero-padded slice cut to the rectangle's window, convolved without padding."""
 
-    def __init__(self, x: torch.Tensor, conv, c0: int, c1: int):
+    def __init__(self, x: torch.Tensor, conv, w: torch.Tensor):
         ph, pw = _pair(conv.padding)
         self.x = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-        self.w = conv.weight[:, c0:c1]
+        self.w = w
         self.stride, self.dilation = _pair(conv.stride), _pair(conv.dilation)
         self.kernel = tuple(conv.weight.shape[2:])
 

@@ -15,9 +15,7 @@ executor is the reference it must match.
 """
 from __future__ import annotations
 
-import inspect
 import math
-import operator
 from typing import Any
 
 import torch
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 from .chansplit import ChannelRunner, drive_channels
 from .geometry import Interval, Resample, border_pads, clamp, window_input
 from .graph import ModelGraph
-from .opkinds import VECTOR_KINDS, NodeKind, data_inputs, is_tuple, tensor_metas
+from .opkinds import VECTOR_KINDS, NodeKind, data_inputs, is_tuple, mutated_arg, tensor_metas
 from .reduction import drive, finish_reduction, partial_sum
 from .syncs import Rect, SyncCoverageError, SyncPoint, ownership
 from .units import BlockGeom
@@ -58,7 +56,7 @@ class BlockRunner:
         # Tiles of one block get overlapping views of one map (the Executor's, or the
         # coordinator's own tiles): a block that modifies its input in place would corrupt
         # its neighbours' halos, so such a block works on a copy.
-        self.mutates_input = any(_mutated_arg(n, self.modules.get(n)) is self.input_node
+        self.mutates_input = any(mutated_arg(n, self.modules.get(n)) is self.input_node
                                  for n in self.nodes)
 
     def input_region(self, rows: Interval, cols: Interval) -> tuple[Interval, Interval]:
@@ -288,28 +286,6 @@ def _empty(node: fx.Node, axes, like: torch.Tensor, r: Interval, c: Interval) ->
     empties = tuple(like.new_empty(_tile_shape(m.shape, axes, r, c), dtype=m.dtype)
                     for m in tensor_metas(node))
     return empties if is_tuple(node) else empties[0]
-
-
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
-def _mutated_arg(node: fx.Node, module: torch.nn.Module | None) -> Any:
-    """The argument ``node`` modifies in place (``x += y``, ``x.mul_(2)``,
-    ``ReLU(inplace=True)``, ``F.relu(x, inplace=True)``), or ``None``."""
-    first = node.args[0] if node.args else None
-    if node.op == "call_module":
-        return first if getattr(module, "inplace", False) else None
-    if node.op == "call_method":
-        return first if node.target.endswith("_") and not node.target.endswith("__") else None
-    if node.op == "call_function":
-        if node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
-            return first
-        try:
-            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-        except (TypeError, ValueError):  # builtins without a signature, odd call forms
-            return None
-        return first if bound.arguments.get("inplace") is True else None
-    return None
 
 
 def _whole(r: Interval, c: Interval, node: fx.Node, axes=NCHW) -> bool:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import operator
 from dataclasses import dataclass, field
@@ -263,4 +264,26 @@ def reshape_axes(in_shape: tuple[int, ...], in_axes: tuple[int, int],
                     and math.prod(out_shape[j + 1:]) == post:
                 pos = {a: i, b: j}
                 return pos[in_axes[0]], pos[in_axes[1]]
+    return None
+
+
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def mutated_arg(node: fx.Node, module: torch.nn.Module | None) -> Any:
+    """The argument ``node`` modifies in place (``x += y``, ``x.mul_(2)``,
+    ``ReLU(inplace=True)``, ``F.relu(x, inplace=True)``), or ``None``."""
+    first = node.args[0] if node.args else None
+    if node.op == "call_module":
+        return first if getattr(module, "inplace", False) else None
+    if node.op == "call_method":
+        return first if node.target.endswith("_") and not node.target.endswith("__") else None
+    if node.op == "call_function":
+        if node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
+            return first
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):  # builtins without a signature, odd call forms
+            return None
+        return first if bound.arguments.get("inplace") is True else None
     return None
