@@ -1,7 +1,7 @@
 """``edgeci-mpi run`` with squeeze-excitation syncs inside blocks, end to end (slow).
 
 EfficientNet-B0 on three emulated boards (the planner spreads its SE blocks over them), star
-and device-to-device plans, ``--verify``; then a rank killed at the start of a block with
+and device-to-device plans (the latter with channel-split units), ``--verify``; then a rank killed at the start of a block with
 syncs: the others must not wait for its partial sums forever.
 """
 from __future__ import annotations
@@ -47,6 +47,8 @@ def test_efficientnet_syncs_verify(cache, tmp_path):
         synced = [b for b in run["plan"]["blocks"]
                   if b["syncs"] and len({t["device"] for t in b["tiles"]}) > 1]
         assert synced, run["strategy"]   # SE pools met between ranks
+        if run["strategy"] == "edgeci-d2d":  # late MBConvs split by channels across ranks
+            assert any(b.get("split") and len(b["tiles"]) > 1 for b in run["plan"]["blocks"])
 
 
 def test_rank_killed_in_a_synced_block_ends_the_job(cache):
