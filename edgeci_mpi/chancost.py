@@ -59,7 +59,9 @@ def channel_ends(cluster, tiles: Sequence[tuple[int, float]], arrive: Sequence[f
     devices = [d for d, _ in tiles]
     share = [b / sum(nbytes) if sum(nbytes) > 0 else 1.0 / len(tiles) for b in nbytes]
     speed = [devs[d].flops_per_s / slow[d] for d in devices]
-    first = [devs[d].compute_time(p) * slow[d] for d, p in zip(devices, pre)]
+    # a quota's burst as for any tile (``timeline``): in proportion to the rest before it
+    first = [devs[d].compute_time(p, devs[d].credit(a - free.get(d, 0.0))) * slow[d]
+             for d, p, a in zip(devices, pre, arrive)]
     rest = [max(0.0, w - p - s) / v for (_, w), p, s, v in zip(tiles, pre, scatter, speed)]
     reach = synced_ends(cluster, devices, list(arrive), first, free, syncs) if syncs else None
     if reach is None:
