@@ -55,8 +55,26 @@ class _Conflict(Exception):
 
 
 def _is_bn(m: Any) -> bool:
-    return isinstance(m, nn.BatchNorm2d) and m.track_running_stats and \
-        m.running_mean is not None
+    """Batch norm with running statistics whose forward is batch norm's own, or timm's
+    ``BatchNormAct2d`` (batch norm, then its parameter-free dropout and activation)."""
+    if not isinstance(m, nn.BatchNorm2d) or not m.track_running_stats or \
+            m.running_mean is None:
+        return False
+    if type(m).forward is nn.BatchNorm2d.forward:
+        return True
+    return _bn_act(m)
+
+
+def _bn_act(m: Any) -> bool:
+    """timm's fused batch norm + activation (``timm.layers.BatchNormAct2d``), whose extra
+    parts work on each element alone."""
+    return type(m).__name__ == "BatchNormAct2d" and all(
+        isinstance(getattr(m, a, None), nn.Module) and not any(True for _ in getattr(m, a)
+                                                                .parameters())
+        and (isinstance(getattr(m, a), ELEMENTWISE_MODULES) or
+             type(getattr(m, a)).__name__ in ("Identity", "SiLU", "ReLU", "GELU", "Hardswish",
+                                              "Sigmoid", "ReLU6", "Hardsigmoid"))
+        for a in ("drop", "act"))
 
 
 def _module(gm: fx.GraphModule, n: fx.Node) -> Any:
@@ -71,6 +89,9 @@ def _channel_local(n: fx.Node, gm: fx.GraphModule) -> bool:
             return True
         return isinstance(m, ELEMENTWISE_MODULES) and not any(True for _ in m.parameters())
     if n.op == "call_function":
+        if n.target is F.batch_norm:  # functional batch norm (timm's BatchNormAct2d), eval
+            training = n.args[5] if len(n.args) > 5 else n.kwargs.get("training", False)
+            return training is False
         return n.target in ELEMENTWISE_FUNCTIONS
     if n.op == "call_method":
         return n.target in ELEMENTWISE_METHODS
@@ -281,7 +302,7 @@ class ChannelRunner:
                 total = yield ("scatter", pieces.over(rects[me]))
                 v = total if conv.bias is None else total + conv.bias.view(1, -1, 1, 1)
             elif n in self.gather:
-                local = self._run(n, env, lambda a: env[a])
+                local = self._run(n, env, lambda a: self._value(a, env))
                 full = list(shape_of(n))
                 padded = torch.zeros(full, dtype=torch.float64)
                 padded.narrow(1, c0, c1 - c0).copy_(local)
@@ -298,12 +319,16 @@ class ChannelRunner:
                                      m.running_var[c0:c1],
                                      None if m.weight is None else m.weight[c0:c1],
                                      None if m.bias is None else m.bias[c0:c1], False, 0.0, m.eps)
+                    if _bn_act(m):
+                        v = m.act(m.drop(v))
+                elif n.op == "call_function" and n.target is F.batch_norm:
+                    v = self._run(n, env, lambda a: self._narrow(a, env, c0, c1, vectors=True))
                 else:
                     v = self._run(n, env, lambda a: self._narrow(a, env, c0, c1))
             elif st == STRIP:
                 v = self._run(n, env, lambda a: self._to_tile(a, env, r0, r1, q0, q1))
             else:
-                v = self._run(n, env, lambda a: env[a])
+                v = self._run(n, env, lambda a: self._value(a, env))
             env[n] = v
         return env[self.nodes[-1]]
 
@@ -318,12 +343,16 @@ class ChannelRunner:
             return v
         return env[a]
 
-    def _narrow(self, a: fx.Node, env, c0: int, c1: int) -> Any:
+    def _narrow(self, a: fx.Node, env, c0: int, c1: int, vectors: bool = False) -> Any:
         """An operand of an op on a slice: sliced values as they are, whole ones (and
-        constants) cut to the slice's channels where they have them."""
+        constants) cut to the slice's channels where they have them (``vectors``: a
+        per-channel parameter vector, as functional batch norm takes them)."""
         v = self._value(a, env)
         if a.op != "get_attr" and self.state.get(a) == SLICED:
             return v
+        if vectors and isinstance(v, torch.Tensor) and v.dim() == 1 and \
+                v.shape[0] == self.chan.channels:
+            return v[c0:c1]
         if isinstance(v, torch.Tensor):
             j = 1 - (4 - v.dim())
             if 0 <= j < v.dim() and v.shape[j] == self.chan.channels and self.chan.channels > 1:

@@ -55,10 +55,13 @@ def _shares(how, weights):
     ("resnet50", (3, 48, 48), 8),             # Bottleneck: the 3x3 scattered, conv3 on tiles
     ("efficientnet_b0", (3, 64, 64), 10),     # MBConv: depthwise, squeeze-excitation gathered
     ("regnet_y_400mf", (3, 64, 64), 8),       # grouped 3x3: whole groups per device
+    ("timm:mobilenetv3_large_100", (3, 64, 64), 10),  # functional batch norm (BatchNormAct2d)
 ])
 def test_every_channel_run_equals_the_model(name, chw, least):
     """Every run of units the analysis splits, on 2 and 3 devices with uneven shares and
     tiles (rows, and columns within a band), equals the model's own value there."""
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
     model, mg = _traced(name, chw)
     runs = mg.spec.chan_splits
     assert len(runs) >= least
