@@ -20,6 +20,14 @@ from typing import Sequence
 from .synccost import synced_ends
 
 
+def scatter_sizes(block, bytes_per_element: int = 4) -> tuple[list[float], list[float]]:
+    """Per tile of a channel-split block: its share of the output's pixels (of the scatter
+    conv's work each piece takes) and the bytes of one partial-sum message to it."""
+    px = [t.out_hw[0] * t.out_hw[1] for t in block.tiles]
+    per = block.split["partial_c"] * bytes_per_element
+    return [p / sum(px) for p in px], [float(per * p) for p in px]
+
+
 def pieces(cluster, devices: Sequence[int], start: Sequence[float], piece_s, nbytes:
            Sequence[float], links, pair_time) -> tuple[list[float], list[float]]:
     """The pipelined reduce-scatter: device ``p`` (of ``devices``, rank order) starts its
@@ -57,7 +65,7 @@ def channel_ends(cluster, tiles: Sequence[tuple[int, float]], arrive: Sequence[f
     pre, scatter, nbytes = split
     devs = cluster.devices
     devices = [d for d, _ in tiles]
-    share = [b / sum(nbytes) if sum(nbytes) > 0 else 1.0 / len(tiles) for b in nbytes]
+    share = [b / sum(nbytes) for b in nbytes]  # messages weigh as their tiles' pixels
     speed = [devs[d].flops_per_s / slow[d] for d in devices]
     # a quota's burst as for any tile (``timeline``): in proportion to the rest before it
     first = [devs[d].compute_time(p, devs[d].credit(a - free.get(d, 0.0))) * slow[d]

@@ -36,6 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .chancost import scatter_sizes
 from .flows import BlockFlow, Piece, Transfer, contains, meet, plan_flows
 from .geometry import Interval
 from .plan import Block, Plan
@@ -284,9 +285,8 @@ def schedule_flow(cluster: Cluster, block: Block, flow: BlockFlow, bytes_per_ele
     stitch = co * oh * ow * bytes_per_element if last and not single else 0.0
     split = None
     if block.split:  # channel split: each tile's work before and in its scatter conv, message
-        pc = block.split["partial_c"] * bytes_per_element
         split = (block.split["pre"], block.split["scatter"],
-                 [pc * t.out_hw[0] * t.out_hw[1] for t in block.tiles])
+                 scatter_sizes(block, bytes_per_element)[1])
     return timeline(cluster, tiles, inputs, outputs, star=False, assemble=assemble,
                     stitch_bytes=stitch, ends=ends, syncs=block.syncs, ready=ready, split=split)
 

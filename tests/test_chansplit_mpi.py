@@ -23,8 +23,8 @@ from edgeci_mpi.models import build_model
 from edgeci_mpi.plan import Plan
 from edgeci_mpi.runtime.emulate import Emulator
 from edgeci_mpi.strategies.baseline_common import speed_strips
-from edgeci_mpi.strategies.chanblock import channel_block, price_channel_block
-from edgeci_mpi.strategies.common import finish_plan, make_block, make_d2d_block
+from edgeci_mpi.strategies.chanblock import channel_block
+from edgeci_mpi.strategies.common import finish_plan, make_block, make_d2d_block, price_d2d
 
 from test_d2d_mpi import expected_bytes
 
@@ -50,7 +50,7 @@ def chan_plan(mg, n: int, cluster: Cluster | None = None) -> Plan:
         last = u == units - 1
         b = channel_block(spec, cluster, u, u + 1, range(n)) if u in single else None
         if b is not None:
-            price_channel_block(b, cluster, held, last)
+            price_d2d(b, cluster, held, last)
         else:
             _, h, w = spec.units[u].out_chw
             rects = speed_strips(cluster, range(n), h, w)

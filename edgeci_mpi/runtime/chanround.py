@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from ..chancost import pieces
+from ..chancost import pieces, scatter_sizes
 from ..chansplit import add_in_order
 from ..plan import Block
 from ..timeline import _Links, pair_time
@@ -50,7 +50,7 @@ def _compute(runner, bi: int, block: Block, ti: int, x: torch.Tensor, image: int
     rects = [(t.out_rows, t.out_cols) for t in block.tiles]
     gen = run.steps(x, tuple(block.split["channels"][ti]), rects, ti)
     pre, scatter = block.split["pre"][ti], block.split["scatter"][ti]
-    share = _shares(rects)
+    share = scatter_sizes(block)[0]
     emu = runner.emulator
     busy, seg, value, k = 0.0, time.perf_counter(), None, 0
     rs: _Scatter | None = None
@@ -68,7 +68,7 @@ def _compute(runner, bi: int, block: Block, ti: int, x: torch.Tensor, image: int
             busy += took
             value = sy.exchange(runner, k, event[1])
             k += 1
-        elif rs is None or event[0] in ("piece", "scatter"):
+        else:  # the scatter conv's pieces, the last one this tile's own
             if rs is None:  # the first work done: its modelled time, then the receives
                 emu.stretch_compute(pre, busy + took, image)
                 rs = _Scatter(runner, bi, block, ti, rects, sy, k)
@@ -81,11 +81,6 @@ def _compute(runner, bi: int, block: Block, ti: int, x: torch.Tensor, image: int
             else:
                 value = rs.finish(event[1])
         seg = time.perf_counter()
-
-
-def _shares(rects) -> list[float]:
-    px = [(a1 - a0) * (b1 - b0) for (a0, a1), (b0, b1) in rects]
-    return [p / sum(px) for p in px]
 
 
 class _Scatter:
@@ -130,9 +125,7 @@ class _Scatter:
         """When the last partial sum for this tile arrives in the model, from the moment every
         device began its partial sums (``chancost.pieces`` on the emulated links)."""
         block, view = self.block, emu.view
-        share = _shares(self.rects)
-        c = block.split["partial_c"] * 4
-        nbytes = [c * (a1 - a0) * (b1 - b0) for (a0, a1), (b0, b1) in self.rects]
+        share, nbytes = scatter_sizes(block)
         speed = [view.devices[d].flops_per_s for d in self.devs]
         _, got = pieces(view, self.devs, [0.0] * len(self.devs),
                         lambda p, j: block.split["scatter"][p] * share[j] / speed[p],

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..cost import Cluster, contention, schedule_flow
-from ..flows import Piece, block_flow
+from ..cost import Cluster, contention
 from ..geometry import Interval, split_sizes
 from ..plan import Block, Tile
 from ..units import ModelSpec
@@ -55,8 +54,8 @@ def channel_rects(cluster: Cluster, devices: Sequence[int], h: int, w: int) -> l
 def channel_block(spec: ModelSpec, cluster: Cluster, start: int, stop: int,
                   devices: Sequence[int]) -> Block | None:
     """Units ``[start, stop)`` split by channels over ``devices``, not yet priced (its price
-    needs the holdings before it: :func:`price_channel_block`); None if they cannot split
-    there (no such run, too few channels or pixels)."""
+    needs the holdings before it, as any device-to-device block's: ``common.price_d2d``);
+    None if they cannot split there (no such run, too few channels or pixels)."""
     how = spec.channel_split(start, stop)
     devices = sorted(devices)
     if how is None or len(devices) < 2 or how.channels // how.granule < len(devices):
@@ -91,12 +90,4 @@ def channel_block(spec: ModelSpec, cluster: Cluster, start: int, stop: int,
                  tiles, source="d2d", syncs=syncs,
                  split={"channels": [list(c) for c in chans], "pre": pres,
                         "scatter": scatters, "partial_c": how.partial_c})
-
-
-def price_channel_block(block: Block, cluster: Cluster, before: Sequence[Piece], last: bool,
-                        bytes_per_element: int = 4) -> float:
-    """Set and return ``block.predicted_s`` after the holdings ``before``."""
-    flow = block_flow(block, before, last)
-    block.predicted_s = schedule_flow(cluster, block, flow, bytes_per_element).finish
-    return block.predicted_s
 

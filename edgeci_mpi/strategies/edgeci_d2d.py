@@ -65,7 +65,7 @@ from ..cost import Cluster, DeviceArrays, flow_moves, schedule_flow, timeline
 from ..flows import Piece, block_flow, start_holdings
 from ..plan import Block, Plan
 from ..units import BlockGeom, ModelSpec
-from .chanblock import channel_block, price_channel_block
+from .chanblock import channel_block
 from .coedge import speed_strip_blocks
 from .common import finish_plan, make_d2d_block, price_blocks, whole_block
 from .d2d_layouts import (Layout, d2d_layouts, device_classes, held_model, layout_bands,
@@ -224,9 +224,10 @@ class _Planner:
                                               collect_bytes=c * h * w * self.bpe).finish
         return self.collect_cache[ck]
 
-    def price(self, lay: Layout, st: _State, last: bool) -> float:
-        flow = block_flow(lay.template, st.held, last)
-        return schedule_flow(self.cluster, lay.template, flow, self.bpe).finish
+    def price(self, block: Block, st: _State, last: bool) -> float:
+        """A device-to-device block (a layout's template, or a channel split) after ``st``."""
+        flow = block_flow(block, st.held, last)
+        return schedule_flow(self.cluster, block, flow, self.bpe).finish
 
     # --- the recursion -----------------------------------------------------------------------
     def offer(self, j: int, key, total: float, held, prev, choice, rank0_whole: bool) -> None:
@@ -386,7 +387,7 @@ class _Planner:
                 cur = self.states[j].get(("chan", k))
                 if cur is not None and st.total + floor >= cur.total:
                     continue
-                t = price_channel_block(block, self.cluster, st.held, last, self.bpe)
+                t = self.price(block, st, last)
                 self.offer(j, ("chan", k), st.total + t, held, (i, key), ("chan", block), False)
 
     def enter(self, i: int, j: int, k: int, opts: list[Layout], keys: list, last: bool,
@@ -403,7 +404,7 @@ class _Planner:
                 bound = st.total + max(lay.compute + self.net_floor[k], lay.links)
                 if (cur is not None and bound >= cur.total) or bound >= self.best(j) + margin:
                     continue
-                t = self.price(lay, st, last)
+                t = self.price(lay.template, st, last)
                 best_t = min(best_t, t)
                 if t < chosen_t:
                     chosen_t, chosen_lay = t, lay
