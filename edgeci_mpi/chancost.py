@@ -29,12 +29,12 @@ def scatter_sizes(block, bytes_per_element: int = 4) -> tuple[list[float], list[
 
 
 def pieces(cluster, devices: Sequence[int], start: Sequence[float], piece_s, nbytes:
-           Sequence[float], links, pair_time) -> tuple[list[float], list[float]]:
+           Sequence[float], links, pair_parts) -> tuple[list[float], list[float]]:
     """The pipelined reduce-scatter: device ``p`` (of ``devices``, rank order) starts its
     partial sums at ``start[p]``, computes the one over tile ``j`` in ``piece_s(p, j)``
     seconds, the other tiles first in ``chansplit.piece_order``, and sends each as soon as it
     is done (``nbytes[j]``: one message to tile ``j``; placed on ``links`` with
-    ``pair_time``).  Returns (when each device is done with its own tile's partial, when
+    ``pair_parts``: seconds of bytes, latency).  Returns (when each device is done with its own tile's partial, when
     the last message for each tile has arrived)."""
     devs = cluster.devices
     k = len(devices)
@@ -45,7 +45,7 @@ def pieces(cluster, devices: Sequence[int], start: Sequence[float], piece_s, nby
             j = (p + i) % k
             t[p] += piece_s(p, j)
             src, dst = devices[p], devices[j]
-            arrive = links.place(src, dst, t[p], pair_time(devs, src, dst, nbytes[j]))
+            arrive = links.place(src, dst, t[p], *pair_parts(devs, src, dst, nbytes[j]))
             if arrive > got[j]:
                 got[j] = arrive
     done = [t[p] + piece_s(p, p) for p in range(k)]
@@ -54,7 +54,7 @@ def pieces(cluster, devices: Sequence[int], start: Sequence[float], piece_s, nby
 
 def channel_ends(cluster, tiles: Sequence[tuple[int, float]], arrive: Sequence[float],
                  free: dict[int, float], slow: dict[int, float], syncs, split,
-                 links, pair_time) -> list[float]:
+                 links, pair_parts) -> list[float]:
     """Each tile's end in a channel-split block: ``arrive[k]`` when tile ``k``'s input is in
     and assembled; ``split`` per tile (work before the scatter conv, the scatter conv's work
     over the whole map, bytes of one partial-sum message to it); ``syncs`` its gathers
@@ -75,5 +75,5 @@ def channel_ends(cluster, tiles: Sequence[tuple[int, float]], arrive: Sequence[f
     if reach is None:
         reach = [a + f for a, f in zip(arrive, first)]
     done, got = pieces(cluster, devices, reach, lambda p, j: scatter[p] * share[j] / speed[p],
-                       nbytes, links, pair_time)
+                       nbytes, links, pair_parts)
     return [max(d, g) + x for d, g, x in zip(done, got, rest)]

@@ -10,9 +10,10 @@
 * a **device-to-device** block: each device receives the parts of its input region it does
   not hold straight from their holders, computes, and keeps its output tiles; after the last
   block the coordinator receives what the head needs;
-* on a ``shared`` network every transfer waits for the one medium; on a ``switched`` one each
-  device's link carries its own sends in turn and its own receives in turn, and transfers
-  between different pairs run at once; a transfer takes the slower end's ``link_time``;
+* on a ``shared`` network every transfer waits for the one medium (its latency and bytes);
+  on a ``switched`` one each device's link carries the bytes of its own sends in turn and of
+  its own receives in turn, transfers between different pairs run at once, and the latencies
+  of messages in flight together overlap; a transfer takes the slower end's figures;
 * each device computes its tiles one after another, each once its input has arrived; a star
   block starts when everything before it is done, a device-to-device block on each device as
   soon as that device is done with the previous one; the head runs on the coordinator.

@@ -36,40 +36,57 @@ def contention(cluster: Cluster, devices) -> dict[int, float]:
 
 
 
-def pair_time(devs: Sequence[Device], src: int, dst: int, nbytes: float) -> float:
-    """One message between ``src`` and ``dst``: the slower end's latency and bandwidth (the
-    coordinator's own link figures are never used, so a star transfer costs exactly the
-    device's ``link_time``)."""
+def pair_parts(devs: Sequence[Device], src: int, dst: int, nbytes: float
+               ) -> tuple[float, float]:
+    """One message between ``src`` and ``dst``: (seconds its bytes take, latency), from the
+    slower end's bandwidth and latency (the coordinator's own link figures are never used, so
+    a star transfer costs exactly the device's ``link_time``)."""
     if nbytes <= 0:
-        return 0.0
-    if src == 0:
-        return devs[dst].link_time(nbytes)
-    if dst == 0:
-        return devs[src].link_time(nbytes)
+        return 0.0, 0.0
+    if src == 0 or dst == 0:
+        d = devs[dst if src == 0 else src]
+        return nbytes / d.bandwidth_Bps, d.latency_s
     a, b = devs[src], devs[dst]
-    return max(a.latency_s, b.latency_s) + nbytes / min(a.bandwidth_Bps, b.bandwidth_Bps)
+    return nbytes / min(a.bandwidth_Bps, b.bandwidth_Bps), max(a.latency_s, b.latency_s)
+
+
+def pair_time(devs: Sequence[Device], src: int, dst: int, nbytes: float) -> float:
+    """One message between ``src`` and ``dst`` alone on the network: latency + bytes."""
+    t, lat = pair_parts(devs, src, dst, nbytes)
+    return t + lat
 
 
 class _Links:
     """Busy intervals of the links: one medium (``shared``) or every device's send and receive
     side (``switched``, full duplex).  A transfer goes into the earliest gap, at or after it
     is ready, that every link it uses has free (list scheduling with insertion: halos of
-    different pairs run at once instead of queueing behind each other's ports)."""
+    different pairs run at once instead of queueing behind each other's ports).
+
+    What a message holds: on the shared medium its latency and its bytes (medium access is
+    the latency of a Wi-Fi hop: one transfer at a time); on a switched network only its bytes,
+    on the sender's and the receiver's side at once, and it arrives one latency after its
+    bytes - so the latencies of messages a device sends or receives together overlap, as the
+    testbed measured (``jobs/bench_messages.py``: three 1 KiB messages sent at once to three
+    hosts behind a 5 ms switch arrive after 6.1 ms, about one latency; queued latencies would
+    be 17.7 ms)."""
 
     def __init__(self, network: str):
         self.shared = network == "shared"
         self.lanes: dict = {}     # link side -> (starts, ends), sorted, touching ones merged
         self.busy: dict = {}
 
-    def place(self, src: int, dst: int, ready: float, dur: float) -> float:
-        """Schedule one transfer; returns when it has arrived."""
-        if dur <= 0:
-            return ready
-        get = self.lanes.get
+    def place(self, src: int, dst: int, ready: float, dur: float, latency: float = 0.0
+              ) -> float:
+        """Schedule one transfer of ``dur`` seconds of bytes and ``latency``; returns when it
+        has arrived."""
         if self.shared:
+            dur, latency = dur + latency, 0.0
             keys = ("medium",)
         else:
             keys = (("out", src), ("in", dst))
+        if dur <= 0:
+            return ready + latency
+        get = self.lanes.get
         lanes = [get(k) or self.lanes.setdefault(k, ([], [])) for k in keys]
         t = ready
         if any(en and en[-1] > t for _, en in lanes):   # else: after everything, no search
@@ -103,7 +120,7 @@ class _Links:
                 del st[i], en[i]
             st.insert(i, a)
             en.insert(i, b)
-        return end
+        return end + latency
 
     def max_busy(self) -> float:
         return max(self.busy.values(), default=0.0)
@@ -189,7 +206,7 @@ def _place_inputs(devs, links: "_Links", copy: list[float], n_tiles: int,
     moves_in = []
     start = 0.0
     for m in collect:
-        moves_in.append(links.place(m.src, m.dst, 0.0, pair_time(devs, m.src, m.dst, m.nbytes)))
+        moves_in.append(links.place(m.src, m.dst, 0.0, *pair_parts(devs, m.src, m.dst, m.nbytes)))
         start = max(start, moves_in[-1])
     if collect:
         start += collect_bytes * copy[0]
@@ -200,12 +217,15 @@ def _place_inputs(devs, links: "_Links", copy: list[float], n_tiles: int,
         start += slice_bytes * copy[0]
         free[0] = lane = start
         for m in inputs:
-            if m.nbytes > 0:
-                lane += devs[m.dst].link_time(m.nbytes)
-            moves_in.append(lane)
+            arrive = lane
+            if m.nbytes > 0:  # switched: the latencies overlap (``_Links``)
+                b, lat = pair_parts(devs, 0, m.dst, m.nbytes)
+                lane += b + lat if links.shared else b
+                arrive = lane if links.shared else lane + lat
+            moves_in.append(arrive)
             for k in m.deps:
-                if lane > need[k]:
-                    need[k] = lane
+                if arrive > need[k]:
+                    need[k] = arrive
         scatter = lane - start
     else:
         for m in inputs:
@@ -214,7 +234,7 @@ def _place_inputs(devs, links: "_Links", copy: list[float], n_tiles: int,
                 ready += m.nbytes * copy[m.src]
                 free[m.src] = ready
             moves_in.append(links.place(m.src, m.dst, ready,
-                                        pair_time(devs, m.src, m.dst, m.nbytes)))
+                                        *pair_parts(devs, m.src, m.dst, m.nbytes)))
             for k in m.deps:
                 need[k] = max(need[k], moves_in[-1])
     return start, free, need, moves_in, scatter
@@ -248,7 +268,7 @@ def _compute(cluster: Cluster, tiles: Sequence[tuple[int, float]], need: list[fl
         end.append(e)
     if split is not None and ends is None:  # channel split: gathers, the reduce-scatter
         end = channel_ends(cluster, tiles, arrive, free_before, slow, syncs, split,
-                           _Links(cluster.network), pair_time)
+                           _Links(cluster.network), pair_parts)
     elif syncs and ends is None:  # squeeze-excitation pools: every device meets at each
         end = block_ends(cluster, tiles, need, star_start or 0.0, slow, assemble,
                          free_before, syncs) or end
@@ -272,11 +292,12 @@ def _place_outputs(cluster: Cluster, links: "_Links", copy: list[float],
         gather = 0.0
         for i in order:
             m = outputs[i]
-            t = devs[m.src].link_time(m.nbytes)
+            b, lat = pair_parts(devs, m.src, 0, m.nbytes)
+            t = b + lat if shared else b  # switched: the side holds the bytes (``_Links``)
             r = ready[i]
             lane = (lane if lane > r else r) + t
             gather += t
-            moves_out[i] = lane
+            moves_out[i] = lane if shared else lane + lat
         if moves_out and max(moves_out) > finish:
             finish = max(moves_out)
         finish += stitch_bytes * copy[0]
@@ -285,7 +306,8 @@ def _place_outputs(cluster: Cluster, links: "_Links", copy: list[float],
         return Timeline(arrive, end, finish, busy, moves_in, moves_out)
     for i in order:
         m = outputs[i]
-        moves_out[i] = links.place(m.src, m.dst, ready[i], pair_time(devs, m.src, m.dst, m.nbytes))
+        moves_out[i] = links.place(m.src, m.dst, ready[i],
+                                   *pair_parts(devs, m.src, m.dst, m.nbytes))
         finish = max(finish, moves_out[i])
     finish += stitch_bytes * copy[0]
     return Timeline(arrive, end, finish, links.max_busy(), moves_in, moves_out)

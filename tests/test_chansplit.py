@@ -164,7 +164,7 @@ def test_a_quota_burst_is_credited_only_after_a_rest():
     never rested, so it gets no such credit (on the testbed the credit had made split blocks
     measure 1.6-2.6x their prediction)."""
     from edgeci_mpi.chancost import channel_ends
-    from edgeci_mpi.timeline import _Links, pair_time
+    from edgeci_mpi.timeline import _Links, pair_parts
 
     _, mg = _traced("resnet18", (3, 64, 64))
     i, j, _ = mg.spec.chan_splits[-1]
@@ -178,7 +178,7 @@ def test_a_quota_burst_is_credited_only_after_a_rest():
     def ends(free: float) -> list[float]:
         return channel_ends(cl, tiles, [0.05] * 3, {d: free for d in range(3)},
                             {d: 1.0 for d in range(3)}, [], split, _Links("switched"),
-                            pair_time)
+                            pair_parts)
 
     rested, busy = ends(0.0), ends(0.05)
     for d, (r, b_) in enumerate(zip(rested, busy)):  # rested: half of it at full speed

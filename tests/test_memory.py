@@ -186,9 +186,11 @@ def test_a_worker_without_memory_for_its_part_gets_no_tiles():
     spec, cluster = spec_and_cluster([0, 0, 0])
     free = make_plan(spec, cluster, "modnn")
     assert {t.device for b in free.blocks for t in b.tiles} == {0, 1, 2}
-    need = plan_memory(spec, free, 3)[2].total
+    # room for the weights every worker holds, none for any tile's working memory (a
+    # threshold from one plan's tile would let another strategy's smaller tile fit)
+    need = plan_memory(spec, free, 3)[2].weights
     tight = replace(cluster, devices=cluster.devices[:2] +
-                    (replace(cluster.devices[2], memory_bytes=need - 1),))
+                    (replace(cluster.devices[2], memory_bytes=need),))
     for strategy in ("modnn", "edgeci", "edgeci-d2d"):
         used = {t.device for b in make_plan(spec, cluster, strategy).blocks for t in b.tiles}
         plan = make_plan(spec, tight, strategy)

@@ -30,7 +30,7 @@ import torch
 from ..chancost import pieces, scatter_sizes
 from ..chansplit import add_in_order
 from ..plan import Block
-from ..timeline import _Links, pair_time
+from ..timeline import _Links, pair_parts
 from .emulate import sleep_until
 from .syncround import BlockSyncs
 
@@ -129,5 +129,5 @@ class _Scatter:
         speed = [view.devices[d].flops_per_s for d in self.devs]
         _, got = pieces(view, self.devs, [0.0] * len(self.devs),
                         lambda p, j: block.split["scatter"][p] * share[j] / speed[p],
-                        nbytes, _Links(view.network), pair_time)
+                        nbytes, _Links(view.network), pair_parts)
         return got[self.ti]

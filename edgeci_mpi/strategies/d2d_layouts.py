@@ -63,13 +63,15 @@ def canonical(rects: list[Rect], classes: list[tuple]) -> list[Rect]:
     return out
 
 
-def halo_work(geom: BlockGeom, rows: Interval, cols: Interval, first: bool, last: bool
-              ) -> tuple[float, float, float, float]:
-    """(work, bytes in, bytes out, messages) of a tile of a device-to-device block, not knowing
-    the previous layout: assume it was the same partition of the input map, so the device
-    already holds its tile's own rectangle scaled to the input and receives the halo around
-    it from one neighbour per side and corner.  The first block's input comes whole from rank
-    0, the last block's output goes to rank 0."""
+def halo_work(geom: BlockGeom, rows: Interval, cols: Interval, first: bool, last: bool,
+              switched: bool = False) -> tuple[float, float, float, float]:
+    """(work, bytes in, bytes out, latencies) of a tile of a device-to-device block, not
+    knowing the previous layout: assume it was the same partition of the input map, so the
+    device already holds its tile's own rectangle scaled to the input and receives the halo
+    around it from one neighbour per side and corner.  The first block's input comes whole
+    from rank 0, the last block's output goes to rank 0.  Latencies: one per message on a
+    shared medium; on a ``switched`` network the halos' overlap (``timeline._Links``), so one
+    for all of them, and one for the output."""
     flops, in_b, out_b, r_in, c_in = geom.chain.tile_work(geom.start, geom.stop, rows, cols)
     out = float(out_b) if last else 0.0
     if first:
@@ -84,13 +86,17 @@ def halo_work(geom: BlockGeom, rows: Interval, cols: Interval, first: bool, last
     top, bottom = r_in[0] < cr[0], r_in[1] > cr[1]
     left, right = c_in[0] < cc[0], c_in[1] > cc[1]
     msgs = top + bottom + left + right + (top + bottom) * (left + right)
+    if switched:
+        msgs = min(msgs, 1)
     return flops, in_b * (1.0 - own / area) if area else 0.0, out, float(msgs) + (out > 0)
 
 
-def held_model(geom: BlockGeom, before: list[Piece], arr: DeviceArrays, last: bool):
+def held_model(geom: BlockGeom, before: list[Piece], arr: DeviceArrays, last: bool,
+               switched: bool = False):
     """``(work, device_model, cost)`` for AWAS bids that price each tile with the transfers it
     really causes from the previous layout ``before``: a device receives only the part of the
-    tile's input region it does not hold, one message per other holder that overlaps it."""
+    tile's input region it does not hold, one message per other holder that overlaps it (one
+    latency for all of them on a ``switched`` network, where they overlap)."""
     chain, i, j = geom.chain, geom.start, geom.stop
     ci = geom.in_chw[0] * geom.bytes_per_element
     pieces = np.array([[r[0], r[1], c[0], c[1]] for _, r, c in before], dtype=float)
@@ -112,6 +118,8 @@ def held_model(geom: BlockGeom, before: list[Piece], arr: DeviceArrays, last: bo
         own = np.minimum(ov @ mine.T, area[:, None])                   # tiles x devices
         hit = (ov > 0).astype(float)
         msgs = hit.sum(axis=1)[:, None] - hit @ mine.T
+        if switched:
+            msgs = np.minimum(msgs, 1.0)
         out_b = works[:, 1:2]
         return (arr.compute(devs, works[:, 0:1])
                 + arr.latency[devs] * (msgs + (out_b > 0))
@@ -160,6 +168,7 @@ def d2d_layouts(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, classes, i
         return []
     first, last = i == 0, j == len(spec.units)
     scalar = arr._scalar
+    shared = cluster.network == "shared"
     memo = {} if memo is None else memo   # halo_work per tile, shared by every k of a block
     same = len({classes[d] for d in devices}) == 1
 
@@ -167,7 +176,7 @@ def d2d_layouts(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, classes, i
         key = (rows, cols)
         hit = memo.get(key)
         if hit is None:
-            hit = memo[key] = halo_work(geom, rows, cols, first, last)
+            hit = memo[key] = halo_work(geom, rows, cols, first, last, not shared)
         return hit
 
     def cost(d, rows, cols):
@@ -176,7 +185,6 @@ def d2d_layouts(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, classes, i
         return arr.compute_one(d, flops) + lat * msgs + (in_b + out_b) * inv_bw
 
     block_work = geom.tile_work((0, h), (0, w))[0]
-    shared = cluster.network == "shared"
     out = []
     for bands in layout_bands(h, w, k):
         rects, _ = quick_awas(h, w, devices, bands, cost, work, arr.matrix, same)

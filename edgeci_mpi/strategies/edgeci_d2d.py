@@ -191,8 +191,9 @@ class _Planner:
         ci, ih, iw = g.in_chw
         _, h, w = g.out_chw
         remote = sum(1 for d in self.sets[k] if d != 0)
-        if i == 0:
-            t = remote * (ci * ih * iw * self.bpe / k / self.fastest_link + self.least_latency)
+        if i == 0:  # rank 0's side carries every region; switched: their latencies overlap
+            t = remote * ci * ih * iw * self.bpe / k / self.fastest_link + self.least_latency * (
+                remote if self.cluster.network == "shared" else min(remote, 1))
         else:
             rows = max(1, h // k)
             r0 = (h - rows) // 2
@@ -374,10 +375,11 @@ class _Planner:
             if block is None:
                 continue
             held = [(t.device, t.out_rows, t.out_cols) for t in block.tiles]
-            # at least its slowest device's compute, and every device receives the others'
-            # partial sums one behind another (all of them, on a shared medium)
-            msgs = (len(block.tiles) - 1) * (1 if self.cluster.network == "switched"
-                                             else len(block.tiles))
+            # at least its slowest device's compute, and the others' partial sums reach every
+            # device: one latency on a switched network (they overlap), all of them one
+            # behind another on a shared medium
+            msgs = 1 if self.cluster.network == "switched" else \
+                (len(block.tiles) - 1) * len(block.tiles)
             floor = max(work / self.speed[k], max(t.compute_s for t in block.tiles)) + \
                 msgs * self.least_latency
             for key in dict.fromkeys([STAR, best_d2d, k, ("chan", k)]):
@@ -450,7 +452,8 @@ def _finish(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, classes, path)
             _, h, w = geom.out_chw
             devices = sorted({d for d, _, _ in lay.rects})
             if i > 0 and len({classes[d] for d in devices}) > 1:
-                work, model, cost = held_model(geom, held, arr, last)
+                work, model, cost = held_model(geom, held, arr, last,
+                                               cluster.network == "switched")
                 for bands in layout_bands(h, w, len(devices)):
                     options.append(quick_awas(h, w, devices, bands, cost, work, model)[0])
         nxt = path[q + 1] if q + 1 < len(path) and len(options) > 1 else None
