@@ -164,6 +164,26 @@ def test_switched_links_run_different_pairs_at_once_and_one_side_in_turn():
     assert max(t.moves_in) == pytest.approx(3e-3)
 
 
+def test_on_a_switch_the_latencies_of_messages_sent_at_once_overlap():
+    """What jobs/bench_messages.py measured on the testbed: k messages one device sends (or
+    receives) at once arrive one latency after their bytes went out one behind another, not
+    after k latencies; on a shared medium every message still holds it for its latency."""
+    k = 4
+    d = Device("d", 1e9, bandwidth_Bps=1e6, latency_s=5e-3)      # 1000 B: 1 ms of bytes
+    for network in ("switched", "shared"):
+        c = Cluster("c", (d,) * (k + 2), network=network)
+        peers = range(2, k + 2)
+        fan_out = timeline(c, [(q, 0.0) for q in peers],
+                           [Move(1, q, 1000.0, (n,)) for n, q in enumerate(peers)], star=False)
+        fan_in = timeline(c, [(1, 0.0)], [Move(q, 1, 1000.0, (0,)) for q in peers], star=False)
+        if network == "switched":
+            want = [5e-3 + (n + 1) * 1e-3 for n in range(k)]   # one latency, bytes in turn
+        else:
+            want = [(n + 1) * 6e-3 for n in range(k)]          # latency and bytes in turn
+        assert fan_out.moves_in == pytest.approx(want), network
+        assert fan_in.moves_in == pytest.approx(want), network
+
+
 def test_star_on_a_switched_network_gathers_while_it_scatters():
     d1 = Device("1", 2e9, bandwidth_Bps=1e6, latency_s=1e-3)   # 1e6 work: 0.5 ms
     d2 = Device("2", 1e8, bandwidth_Bps=1e6, latency_s=1e-3)
