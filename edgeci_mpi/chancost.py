@@ -34,8 +34,8 @@ def pieces(cluster, devices: Sequence[int], start: Sequence[float], piece_s, nby
     partial sums at ``start[p]``, computes the one over tile ``j`` in ``piece_s(p, j)``
     seconds, the other tiles first in ``chansplit.piece_order``, and sends each as soon as it
     is done (``nbytes[j]``: one message to tile ``j``; placed on ``links`` with
-    ``pair_parts``: seconds of bytes, latency).  Returns (when each device is done with its own tile's partial, when
-    the last message for each tile has arrived)."""
+    ``pair_parts``: its seconds of bytes and latency).  Returns (when each device is done with
+    its own tile's partial, when the last message for each tile has arrived)."""
     devs = cluster.devices
     k = len(devices)
     t = list(start)
