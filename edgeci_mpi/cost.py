@@ -17,7 +17,7 @@ every device has its own full-duplex link to a switch; transfers between differe
 at once, and each device's link carries the bytes of its own sends in turn and of its own
 receives in turn, while the latencies of messages in flight at once overlap (measured on the
 testbed: ``jobs/bench_messages.py``; the shared medium holds each message's latency too).
-A transfer between devices ``s`` and ``d`` takes the slower end's figures (:func:`pair_parts`;
+A transfer between devices ``s`` and ``d`` takes the slower end's figures (``timeline.pair_parts``;
 the coordinator's own link figures are never used, as ever).
 
 **Transfers** are data (``flows.py``: who sends which rectangle to whom, from the plan's
@@ -42,7 +42,7 @@ from .chancost import scatter_sizes
 from .flows import BlockFlow, Piece, Transfer, contains, meet, plan_flows
 from .geometry import Interval
 from .plan import Block, Plan
-from .timeline import Move, Timeline, contention, pair_parts, pair_time, timeline
+from .timeline import Move, Timeline, contention, pair_time, timeline
 from .units import BlockGeom
 
 #: ``Cluster.network``: one medium for every transfer, or a full-duplex link per device.

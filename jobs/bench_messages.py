@@ -16,7 +16,7 @@ to both answers, from the link's own measured latency and rate:
 Meant for the namespace testbed, whose links are switched by construction (tbf-shaped veths
 and, with ``--delay-ms``, a userspace switch that holds every frame D ms):
 
-    sudo .venv/bin/python -m edgeci_mpi.testbed run --hosts 5 --mbit 100 --delay-ms 2 -- \\
+    sudo .venv/bin/python -m edgeci_mpi.testbed run --hosts 4 --mbit 100 --delay-ms 5 --timeout 300 -- \\
         .venv/bin/python jobs/bench_messages.py --mbit 100
 
 Every rank stamps ``time.perf_counter()`` (CLOCK_MONOTONIC, one clock for every namespace of
