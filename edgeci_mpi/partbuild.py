@@ -21,7 +21,9 @@ Whatever the replay cannot follow (a value made by a factory such as ``torch.one
 write through ``.data``, another generator) is not guessed at: the per-part checksums the
 ranks then compare (:func:`part_checksums`) find it, and the rank builds the whole model
 instead (``runtime.app``).  What a rank may run: every spatial unit (re-planning can move any
-block's work to any device), the head only on rank 0.
+block's work to any device), the head only on rank 0 - or nothing at all, where the rank's
+memory cannot hold the units' weights (no plan ever gives it a tile): it builds the model's
+structure on the ``meta`` device only (:func:`build_structure`), no tensor real.
 """
 from __future__ import annotations
 
@@ -204,6 +206,22 @@ def build_part(build: Callable[[], nn.Module], trace: Callable[[nn.Module], Any]
     mg = trace(model)
     check_units_real(mg)
     return model, mg, parts
+
+
+def build_structure(build: Callable[[], nn.Module], trace: Callable[[nn.Module], Any]
+                    ) -> tuple[nn.Module, Any, dict[str, list[str]]]:
+    """(model, traced graph, parts) with every tensor on the ``meta`` device: the graph and
+    shapes a rank needs to take part in a run it computes nothing of, without a byte of
+    weights."""
+    with torch.device("meta"):
+        model = build()
+    mg = trace(model)
+    return model, mg, parts_of(model, head_tensors(mg))
+
+
+def units_weight_bytes(mg) -> int:
+    """Bytes of the spatial units' weights: what a worker that may run any of them holds."""
+    return sum(u.weight_bytes for u in mg.spec.units)
 
 
 def _materialise(model: nn.Module, names: set[str]) -> dict[int, torch.Tensor]:

@@ -760,7 +760,7 @@ def test_a_model_in_training_mode_runs_in_eval_with_a_note(factories, capsys):
     args = build_parser().parse_args(["run", "--model", "faultmodels:training_dropout"])
     setup = Setup("faultmodels:training_dropout", "faultmodels:training_dropout", (3, 32, 32),
                   ["edgeci"], None, False)
-    model, mg, _ = _phase_build(RankZero(2), setup, args)
+    model, mg, _, _ = _phase_build(RankZero(2), setup, args)
     assert not model.training and not any(m.training for m in model.modules())
     err = capsys.readouterr().err
     assert err == ("edgeci-mpi: note: the model factory returned the model in training mode; "

@@ -18,8 +18,9 @@ import torch.nn as nn
 from edgeci_mpi.cost import Cluster, Device
 from edgeci_mpi.execute import BlockRunner
 from edgeci_mpi.graph import trace
-from edgeci_mpi.partbuild import (HEAD, UNITS, PartialBuildError, build_part, head_tensors,
-                                  load_keys, part_checksums, parts_of, record_build)
+from edgeci_mpi.partbuild import (HEAD, UNITS, PartialBuildError, build_part, build_structure,
+                                  head_tensors, load_keys, named_tensors, part_checksums,
+                                  parts_of, record_build, units_weight_bytes)
 from edgeci_mpi.strategies import make_plan
 from edgeci_mpi.strategies.memory import MemoryLimitError, fit_memory, plan_memory
 
@@ -70,6 +71,25 @@ def scaled_parameter() -> nn.Module:
     return m.eval()
 
 
+class HeavyUnits(nn.Module):
+    """64 MiB of unit weights (a 4096 -> 4096 1x1 conv) at little compute on a 4x4 map: what
+    a rank that builds no weights saves shows in its peak memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4096, 1)
+        self.mix = nn.Conv2d(4096, 4096, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4096, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.mix(torch.relu(self.stem(x))))), 1))
+
+
+def heavy_units() -> nn.Module:
+    return HeavyUnits().eval()
+
+
 def build(factory):
     def make():
         torch.manual_seed(0)
@@ -102,6 +122,17 @@ def test_a_partial_build_has_the_coordinators_unit_weights_and_no_head():
     ref = BlockRunner(mg, 0, n).run(x, (0, 16), (0, 16))
     got = BlockRunner(mg2, 0, n).run(x, (0, 16), (0, 16))
     assert torch.equal(ref, got)
+
+
+def test_a_structure_only_build_holds_no_tensor_and_the_same_graph():
+    model, mg, _, parts = whole(head_first)
+    m2, mg2, parts2 = build_structure(build(head_first), traced)
+    assert parts2 == parts
+    assert all(t.is_meta for t in named_tensors(m2).values())
+    assert [(u.name, u.in_chw, u.out_chw, u.flops, u.weight_bytes) for u in mg2.spec.units] == \
+        [(u.name, u.in_chw, u.out_chw, u.flops, u.weight_bytes) for u in mg.spec.units]
+    assert part_checksums(m2, parts2, set()) == {}
+    assert units_weight_bytes(mg) == sum(u.weight_bytes for u in mg.spec.units) > 0
 
 
 def test_skipping_the_heads_draws_without_the_log_would_change_the_convolutions():
@@ -254,6 +285,56 @@ def test_a_cluster_whose_coordinator_cannot_hold_the_model_is_refused(tmp_path):
     assert r.rc == 2, r
     lines = r.error_lines()
     assert len(lines) == 1 and "does not fit the coordinator" in lines[0], r
+
+
+def small_memory_cluster(path: Path, memory_mb: float) -> Path:
+    """Three emulated devices; the last has ``memory_mb``."""
+    path.write_text('name = "one small"\nnetwork = "switched"\n[defaults]\nemulate = true\n'
+                    'bandwidth_mbps = 1000\nlatency_ms = 0.1\n'
+                    '[[device]]\nname = "a"\ngflops = 20\n[[device]]\nname = "b"\ngflops = 20\n'
+                    f'[[device]]\nname = "c"\ngflops = 20\nmemory_mb = {memory_mb}\n')
+    return path
+
+
+@pytest.mark.slow
+def test_a_rank_whose_memory_cannot_hold_the_units_builds_no_weights(tmp_path):
+    """Rank 2's 32 MiB cannot hold the 64 MiB of unit weights: it builds the structure only
+    (its peak memory shows it), takes no tile in any plan, and the run is exact."""
+    cluster = small_memory_cluster(tmp_path / "small.toml", 32)
+    out = tmp_path / "run.json"
+    r = run_job(3, "--model", "test_memory:heavy_units", "--input", "3x4x4", "--verify",
+                "--cluster", str(cluster), "--strategy", "edgeci-d2d,modnn", "--images", "1",
+                "--warmup", "0", "--json", str(out))
+    assert r.rc == 0, r
+    assert "rank 2 holds no weights and gets no tiles: its memory (32.0 MiB) cannot hold " \
+           "the 64.1 MiB of the model's units" in r.err, r
+    rec = json.loads(out.read_text())
+    assert rec["verified"] is True
+    for run in rec["runs"]:
+        tiles = {t["device"] for b in run["plan"]["blocks"] for t in b["tiles"]}
+        assert tiles == {0, 1}, run["plan"]["strategy"]
+    peaks = rec["peak_rss_mib"]
+    assert peaks[2] < peaks[1] - 40, peaks  # rank 1 holds the 64 MiB, rank 2 none of it
+
+
+@pytest.mark.slow
+def test_a_loaded_plan_that_gives_a_weightless_rank_tiles_is_refused(tmp_path):
+    plan = tmp_path / "plan.json"
+    r = run_timed([sys.executable, "-m", "edgeci_mpi", "plan", "--model",
+                   "test_memory:head_first", "--input", "3x32x32", "--strategy", "modnn",
+                   "--cluster", str(small_memory_cluster(tmp_path / "big.toml", 1000)),
+                   "--json", str(plan)], 120,
+                  env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
+    assert r.rc == 0, r
+    assert 2 in {t["device"] for b in json.loads(plan.read_text())["blocks"] for t in b["tiles"]}
+    r = run_job(3, "--model", "test_memory:head_first", "--input", "3x32x32",
+                "--cluster", str(small_memory_cluster(tmp_path / "small.toml", 0.001)),
+                "--plan", str(plan), "--images", "1", "--warmup", "0")
+    assert r.rc == 2, r
+    lines = r.error_lines()
+    assert len(lines) == 1 and "the plan puts more on rank 2 (c) than its memory holds" \
+        in lines[0], r
+    assert "rank 2 holds no weights" in r.err, r
 
 
 @pytest.mark.slow

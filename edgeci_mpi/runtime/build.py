@@ -6,7 +6,10 @@
 2. Every worker builds every tensor but the head's (what "may run" means here: any spatial
    unit, since straggler re-planning can move any block's work to any device; the head runs
    on rank 0).  A worker whose build cannot be replayed builds the whole model (a note on
-   rank 0 says which and why).
+   rank 0 says which and why).  A worker whose memory - the figure the planner will count
+   for it (:func:`memory_limit`) - cannot hold the units' weights gets no tile from any plan
+   (``strategies.memory``), so it builds no weights at all: the model's structure on the
+   ``meta`` device (``partbuild.build_structure``; a note on rank 0 says so).
 3. The ranks agree on a checksum per part (``units``, ``head``) among the ranks holding it;
    a worker whose part differs after a partial build builds the whole model and is checked
    again; a difference after a whole build is an error (the ranks built different weights).
@@ -18,10 +21,12 @@ import sys
 
 from ..graph import trace
 from ..models import build_model, load_weights
-from ..partbuild import (HEAD, UNITS, PartialBuildError, build_part, head_tensors, load_keys,
-                         part_checksums, parts_of, record_build)
+from ..partbuild import (HEAD, UNITS, PartialBuildError, build_part, build_structure,
+                         head_tensors, load_keys, part_checksums, parts_of, record_build,
+                         units_weight_bytes)
 from .checks import check_inference_mode, user_code
 from .failure import EXIT_USAGE, JobFailed, Outcome, agree, checked, error_line
+from .profile import available_memory
 
 
 def peak_rss_mib() -> float:
@@ -29,23 +34,39 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def memory_limit(setup, rank: int) -> int:
+    """The memory the planner will count for ``rank`` (0: unknown): the cluster file's
+    ``memory_mb`` where it emulates the rank's device, else what its host has available."""
+    c = setup.cluster
+    if c is not None and rank < len(c.devices) and c.devices[rank].emulated:
+        return c.devices[rank].memory_bytes
+    return available_memory()
+
+
 def phase_build(comm, setup, args):
-    """(model, graph, {part: checksum} of rank 0, {rank: how it built}) on every rank."""
+    """(model, graph, {part: checksum} of rank 0, {rank: how it built}) on every rank.  How:
+    ``whole``, ``part``, ``none`` (no weights: its memory cannot hold the units'), or why a
+    worker built the whole model."""
     whole = checked(lambda: build_whole(setup, args, record=True)) if comm.rank == 0 \
         else Outcome()
     agree(comm, whole, "rank 0 to build the model", patient=True)
-    log = comm.bcast(whole.value[3] if comm.rank == 0 else None,  # type: ignore[index]
-                     "rank 0's build log")
-    built = whole if comm.rank == 0 else checked(lambda: build_worker(setup, args, log))
+    log, units_b = comm.bcast(  # type: ignore[misc]
+        (whole.value[3], units_weight_bytes(whole.value[1])) if comm.rank == 0 else None,
+        "rank 0's build log")
+    limit = memory_limit(setup, comm.rank)
+    if comm.rank != 0 and 0 < limit < units_b:
+        built = checked(lambda: build_nothing(setup, args))
+    else:
+        built = whole if comm.rank == 0 else checked(lambda: build_worker(setup, args, log))
     model, mg, notes, _, how = agree(comm, built, "every rank to build the model")  # type: ignore[misc]
     for note in notes if comm.rank == 0 else []:
         print(f"edgeci-mpi: note: {note}", file=sys.stderr, flush=True)
     parts = parts_of(model, head_tensors(mg))
     for attempt in range(2):
-        held = {UNITS} if how == "part" else None
-        sums = comm.allgather((comm.host, part_checksums(model, parts, held), how),
+        held = {UNITS} if how == "part" else set() if how == "none" else None
+        sums = comm.allgather((comm.host, part_checksums(model, parts, held), how, limit),
                               "weights checksums")
-        bad = [r for r, (_, s, _) in enumerate(sums)
+        bad = [r for r, (_, s, _, _) in enumerate(sums)
                if any(v != sums[0][1].get(p) for p, v in s.items())]
         if not bad:
             break
@@ -58,10 +79,15 @@ def phase_build(comm, setup, args):
             how = "its partial build's checksum differed from rank 0's"
         else:
             agree(comm, Outcome(), "the rank to rebuild the model")
-    hows = {r: h for r, (_, _, h) in enumerate(sums)}
+    hows = {r: h for r, (_, _, h, _) in enumerate(sums)}
     if comm.rank == 0:
         for r, h in hows.items():
-            if r and h not in ("part", "whole"):
+            if h == "none":
+                print(f"edgeci-mpi: note: rank {r} holds no weights and gets no tiles: its "
+                      f"memory ({sums[r][3] / 2**20:.1f} MiB) cannot hold the "
+                      f"{units_b / 2**20:.1f} MiB of the model's units", file=sys.stderr,
+                      flush=True)
+            elif r and h not in ("part", "whole"):
                 print(f"edgeci-mpi: note: rank {r} built the whole model: {h}",
                       file=sys.stderr, flush=True)
     return model, mg, sums[0][1], hows
@@ -69,7 +95,7 @@ def phase_build(comm, setup, args):
 
 def _report_mismatch(comm, sums, r: int) -> None:
     if comm.rank == 0:
-        host, s, _ = sums[r]
+        host, s, _, _ = sums[r]
         part = next(p for p, v in s.items() if v != sums[0][1].get(p))
         print(error_line(r, host, f"weights checksum {s[part]} of part {part!r} differs from "
                                   f"rank 0's {sums[0][1][part]}: the ranks built different "
@@ -119,9 +145,22 @@ def build_worker(setup, args, log):
     return m, mg, check_inference_mode(m), None, "part"
 
 
+def build_nothing(setup, args):
+    """A worker no plan gives a tile (its memory cannot hold the units' weights): the model's
+    structure only, every tensor on the meta device.  A model that cannot be built there is
+    built whole (what every worker did before; the planner still gives it nothing)."""
+    try:
+        m, mg, _ = build_structure(_builder(setup, args), _traced(setup))
+    except Exception as e:  # noqa: BLE001 - a user's factory may fail on 'meta' only
+        return _whole(setup, args, f"{type(e).__name__} on the meta device: "
+                                   f"{' '.join(str(e).split())[:160]}")
+    return m, mg, check_inference_mode(m), None, "none"
+
+
 def _whole(setup, args, why: str):
     m, mg, notes, _, _ = build_whole(setup, args)
     return m, mg, notes, None, why
 
 
-__all__ = ["HEAD", "UNITS", "build_whole", "build_worker", "peak_rss_mib", "phase_build"]
+__all__ = ["HEAD", "UNITS", "build_nothing", "build_whole", "build_worker", "memory_limit",
+           "peak_rss_mib", "phase_build"]

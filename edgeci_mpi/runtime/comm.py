@@ -165,10 +165,15 @@ class Comm:
         self.quiet_barrier(what, patient)
         return self.world.allgather(obj)
 
-    def host_bcast(self, obj: Any, what: str) -> Any:
-        """Broadcast from this host's leader to the host's other ranks."""
+    def host_bcast(self, obj: Any, what: str, root: int = 0) -> Any:
+        """Broadcast from this host's rank ``root`` (its leader by default) to its others."""
         self.wait(self.host_comm.Ibarrier(), what)
-        return self.host_comm.bcast(obj, root=0)
+        return self.host_comm.bcast(obj, root=root)
+
+    def host_allgather(self, obj: Any, what: str) -> list[Any]:
+        """Every rank of this host gets every one's ``obj``, in host rank order."""
+        self.wait(self.host_comm.Ibarrier(), what)
+        return self.host_comm.allgather(obj)
 
     def send_command(self, cmd: tuple, dest: int) -> Any:
         return self.world.isend(cmd, dest=dest, tag=TAG_CMD)

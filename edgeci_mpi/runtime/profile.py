@@ -337,28 +337,36 @@ def whole_map_seconds(mg, repeats: int = 2) -> list[float]:
 
 # --- the collective ---------------------------------------------------------------------------
 
-def gather_reports(comm, mg=None, model_key: str = "", reprofile: bool = False
+def gather_reports(comm, mg=None, model_key: str = "", reprofile: bool = False,
+                   holds_units: bool = True, memory_bytes: int | None = None
                    ) -> list[Report] | None:
     """Every rank: measure (or load) its report; rank 0 gets the list in rank order.  With a
     traced model ``mg`` (and ``model_key`` naming model and input for the cache) the reports
     carry the model's unit timings: the full calibration from rank 0's host, whole-map unit
-    times from the others; :func:`calibrated` turns them into devices and a calibration."""
+    times from the others; :func:`calibrated` turns them into devices and a calibration.
+    A rank that built no weights (``holds_units`` false: its memory, ``memory_bytes``, cannot
+    hold them) times no unit: its host's first rank that holds them measures, or, where none
+    does, the host reports its generic figures only."""
     threads = torch.get_num_threads()
     peers = comm.allgather(comm.host, "host names")
-    leader = comm.host_comm.Get_rank() == 0
+    holders = comm.host_allgather(holds_units, "the host's built ranks")
+    measurer = holders.index(True) if True in holders else 0
+    leader = comm.host_comm.Get_rank() == measurer
     coordinator_host = comm.host == peers[0]
     cache = load_cache(comm.host, threads) if leader else {}
     compute = None
-    if leader:  # the host's first rank measures alone while the others wait quietly
-        compute = _host_compute(cache, mg, model_key, reprofile, coordinator_host)
-    compute = comm.host_bcast(compute, "the host's compute benchmark")
+    if leader:  # one rank of the host measures alone while the others wait quietly
+        compute = _host_compute(cache, mg if holds_units else None, model_key, reprofile,
+                                coordinator_host)
+    compute = comm.host_bcast(compute, "the host's compute benchmark", root=measurer)
     lat, bw, link_cached = probe_links(comm, peers, cache, reprofile)
     if leader:
         save_cache(comm.host, threads, cache)
     model = compute.get("model") or {}
     cal = model.get("calibration")
     report = Report(rank=comm.rank, host=comm.host, threads=threads, cores=host_cores(),
-                    ranks_on_host=comm.ranks_on_host, memory_bytes=available_memory(),
+                    ranks_on_host=comm.ranks_on_host,
+                    memory_bytes=available_memory() if memory_bytes is None else memory_bytes,
                     flops_per_s=compute["conv_flops_per_s"], overhead_s=compute["block_call_s"],
                     conv_flops_per_s=compute["conv_flops_per_s"], cpu_cores=cpu_cores(),
                     quota=compute["quota"], quota_period_s=compute["quota_period_s"],

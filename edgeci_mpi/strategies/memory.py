@@ -6,7 +6,9 @@ What a device needs for a plan (:func:`plan_memory`):
 * **weights**: the coordinator holds the whole model (every unit and the head); a worker with
   any tile every unit's weights - what ``runtime.build`` builds on it, since straggler
   re-planning may move any block's work to any device - and its rows of any head layer split
-  across devices (``headsplit``), never the rest of the head;
+  across devices (``headsplit``), never the rest of the head.  A worker whose memory cannot
+  hold the units' weights can therefore take no tile in any plan, and ``runtime.build``
+  builds none on it (the model's structure only, on the ``meta`` device);
 * **working set**: its largest tile - the tile's input region and output, plus the largest
   input and output of one unit on the way (what a fused block holds at once); the coordinator
   also holds a whole input and output map of the largest block it stitches.
