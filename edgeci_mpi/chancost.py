@@ -54,15 +54,19 @@ def pieces(cluster, devices: Sequence[int], start: Sequence[float], piece_s, nby
 
 def channel_ends(cluster, tiles: Sequence[tuple[int, float]], arrive: Sequence[float],
                  free: dict[int, float], slow: dict[int, float], syncs, split,
-                 links, pair_parts) -> list[float]:
+                 links, pair_parts, moves_in: Sequence[float] = ()) -> list[float]:
     """Each tile's end in a channel-split block: ``arrive[k]`` when tile ``k``'s input is in
     and assembled; ``split`` per tile (work before the scatter conv, the scatter conv's work
     over the whole map, bytes of one partial-sum message to it); ``syncs`` its gathers
     (``Block.syncs``, shares of the first work); ``links``: fresh ``timeline._Links`` of the
     network.  Each device computes its first work (in segments met at the gathers), then its
     partial sums tile by tile, sending each as it is done (:func:`pieces`); a tile's device
-    adds them once all have come and computes the rest of its tile."""
-    pre, scatter, nbytes = split
+    adds them once all have come and computes the rest of its tile.  The leading convs'
+    bands (``split[3]``: per tile (work, the inputs it waits for: indices of ``moves_in``,
+    when each input arrived), ``chanbands``) run first, each once its inputs are in; the
+    rest of the first work once the whole map is in."""
+    pre, scatter, nbytes = split[:3]
+    bands = split[3] if len(split) > 3 else None
     devs = cluster.devices
     devices = [d for d, _ in tiles]
     share = [b / sum(nbytes) for b in nbytes]  # messages weigh as their tiles' pixels
@@ -71,9 +75,27 @@ def channel_ends(cluster, tiles: Sequence[tuple[int, float]], arrive: Sequence[f
     first = [devs[d].compute_time(p, devs[d].credit(a - free.get(d, 0.0))) * slow[d]
              for d, p, a in zip(devices, pre, arrive)]
     rest = [max(0.0, w - p - s) / v for (_, w), p, s, v in zip(tiles, pre, scatter, speed)]
+    if bands:
+        arrive = [_after_bands(b, a, f, free.get(d, 0.0), v, moves_in)
+                  for b, a, f, d, v in zip(bands, arrive, first, devices, speed)]
     reach = synced_ends(cluster, devices, list(arrive), first, free, syncs) if syncs else None
     if reach is None:
         reach = [a + f for a, f in zip(arrive, first)]
     done, got = pieces(cluster, devices, reach, lambda p, j: scatter[p] * share[j] / speed[p],
                        nbytes, links, pair_parts)
     return [max(d, g) + x for d, g, x in zip(done, got, rest)]
+
+
+def _after_bands(bands, arrive: float, first: float, free: float, speed: float,
+                 moves_in: Sequence[float]) -> float:
+    """When a device's first work would start were it done in one piece, so that it ends
+    as the early bands and then the rest make it end: the bands in the order their inputs
+    come in (each once they are, from when the device is free), the rest once the whole map
+    is in (``arrive``)."""
+    t, done = free, 0.0
+    ready = [max((moves_in[q] for q in deps), default=0.0) for _, deps in bands]
+    for k in sorted(range(len(bands)), key=lambda k: ready[k]):  # as the pieces come
+        t = max(t, ready[k]) + bands[k][0] / speed
+        work = bands[k][0]
+        done += work / speed
+    return max(t, arrive) - done

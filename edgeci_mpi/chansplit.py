@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from .opkinds import (ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES,
                       data_inputs, mutated_arg, shape_of)
 from .reduction import Partial, combine, on_wire
+from .chanearly import banded_conv, early_convs, rows_answered
 from .units import FULL, SLICED, STRIP, ChannelSplit
 
 Rect = tuple[tuple[int, int], tuple[int, int]]
@@ -226,7 +227,8 @@ def _propagate(nodes, index, inp, kinds, gm, unsplit, out_hw) -> ChannelSplit | 
     if any(state[n] == SLICED and any(u not in index for u in n.users) for n in nodes):
         return None  # a slice that leaves the unit
     return ChannelSplit(tuple(state[n] for n in nodes), tuple(split), channels, scatter,
-                        partial_c, tuple(gathers), granule)
+                        partial_c, tuple(gathers), granule, early_convs(nodes, inp, kinds, gm,
+                                                                        set(split)))
 
 
 def _tensor_args(n: fx.Node) -> list[fx.Node]:
@@ -259,6 +261,11 @@ class ChannelRunner:
         self.copy_input = any(mutated_arg(n, self.modules.get(n)) is self.input_node
                               for n in self.nodes)  # else the caller's map is read, never written
         self._slices: dict[tuple, tuple] = {}
+        self.early = [self.nodes[i] for i in self.chan.early]
+        ops = [op for u in mg.spec.units[start:stop] for op in u.ops]
+        total = self.chan.early_work(ops) or 1.0
+        self._early_share = {self.nodes[i]: ops[i].flops_per_pixel * ops[i].out_hw[0] *
+                             ops[i].out_hw[1] / total for i in self.chan.early}
 
     def _weights(self, n: fx.Node, conv, c0: int, c1: int, inputs: bool = False) -> tuple:
         """A conv's weights for channels ``[c0, c1)`` of its output (or, ``inputs``, of its
@@ -271,7 +278,8 @@ class ChannelRunner:
         return self._slices[key]
 
     def steps(self, x: torch.Tensor, channels: tuple[int, int], rects: Sequence[Rect],
-              me: int) -> Generator[tuple, Any, torch.Tensor]:
+              me: int, cuts: Sequence[int] | None = None,
+              remote: Sequence[tuple[int, int]] = ()) -> Generator[tuple, Any, torch.Tensor]:
         """Device ``me``'s part (of devices whose output tiles are ``rects``, in rank order):
         ``x`` is the unit's whole input map.  Yields ``("gather", Partial)`` (its zero-padded
         per-channel values; sent: the total), then for the scatter conv one ``("piece", j,
@@ -279,18 +287,35 @@ class ChannelRunner:
         are computed, in :func:`piece_order` (sent: nothing) - and ``("scatter", partial)``
         for its own tile (sent: the sum of every device's partial over it, in rank order);
         returns its output tile.  Call it under ``torch.no_grad()`` (as the executors do):
-        a grad-mode context inside interleaved generators would not restore the mode."""
-        return (yield from self._steps(x, channels, rects, me))
+        a grad-mode context inside interleaved generators would not restore the mode.
 
-    def _steps(self, x, channels, rects, me):
+        With ``cuts`` (``chanbands.row_cuts`` of the block's held pieces) the leading convs
+        run in bands (``chanbands``), in the order of the pieces this device receives
+        (``remote``: their row intervals as they come), each band after a ``("rows", share,
+        (r0, r1))`` (its share of the leading convs' work and the input rows it reads: the
+        caller makes sure they are in ``x``, sent: nothing), then ``("rows", -1.0, (0, h))``
+        before anything else reads the input."""
+        return (yield from self._steps(x, channels, rects, me, cuts, remote))
+
+    def _steps(self, x, channels, rects, me, cuts=None, remote=()):
         c0, c1 = channels
         kinds = self.mg.kinds
         env: dict[fx.Node, Any] = {self.input_node: x.clone() if self.copy_input else x}
         (r0, r1), (q0, q1) = rects[me]
+        early = set(self.early) if cuts is not None else set()
+        waiting = cuts is not None  # the whole input not yet asked for
         for n in self.nodes:
             st = self.state[n]
             m = self.modules.get(n)
             conv = kinds[n].op if kinds[n].kind == "conv" else None
+            if n in early:
+                w, b = self._weights(n, conv, c0, c1)
+                env[n] = yield from banded_conv(x, n, conv, w, b, cuts, remote,
+                                                self._early_share[n])
+                continue
+            if waiting:
+                waiting = False
+                yield ("rows", -1.0, (0, x.shape[2]))
             if n in self.split:
                 w, b = self._weights(n, conv, c0, c1)
                 v = F.conv2d(self._arg(n, env), w, b, conv.stride, conv.padding, conv.dilation, 1)
@@ -429,6 +454,7 @@ def drive_channels(gens: list[Generator], rects: Sequence[Rect]) -> list[torch.T
     gathers added, partial sums collected per tile and added in rank order; returns each
     device's tile."""
     k = len(gens)
+    gens = [rows_answered(g) for g in gens]
     steps = [next(g) for g in gens]
     outs: list[Any] = [None] * k
     while True:
@@ -458,3 +484,4 @@ def drive_channels(gens: list[Generator], rects: Sequence[Rect]) -> list[torch.T
         if any(s is None for s in nxt):
             raise RuntimeError("the devices of one channel-split unit got out of step")
         steps = nxt
+

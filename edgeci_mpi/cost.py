@@ -38,6 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .chanbands import early_schedule, row_cuts
 from .chancost import scatter_sizes
 from .flows import BlockFlow, Piece, Transfer, contains, meet, plan_flows
 from .geometry import Interval
@@ -288,9 +289,30 @@ def schedule_flow(cluster: Cluster, block: Block, flow: BlockFlow, bytes_per_ele
     split = None
     if block.split:  # channel split: each tile's work before and in its scatter conv, message
         split = (block.split["pre"], block.split["scatter"],
-                 scatter_sizes(block, bytes_per_element)[1])
+                 scatter_sizes(block, bytes_per_element)[1], early_bands(block, flow))
     return timeline(cluster, tiles, inputs, outputs, star=False, assemble=assemble,
                     stitch_bytes=stitch, ends=ends, syncs=block.syncs, ready=ready, split=split)
+
+
+def early_bands(block: Block, flow: BlockFlow) -> list[list[tuple[float, list[int]]]]:
+    """Per tile of a channel-split block, its early convs' bands (``chanbands``) in the order
+    its device computes them: (work, the input transfers of ``flow`` it waits for)."""
+    convs = block.split.get("early_convs") or []
+    if not convs:
+        return [[] for _ in block.tiles]
+    ih = block.in_chw[1]
+    cuts = row_cuts([r for _, r, _ in flow.before], ih)
+    out = []
+    for k, t in enumerate(block.tiles):
+        mine = [q for q, m in enumerate(flow.inputs) if m.dst == t.device]
+        work = block.split["early"][k]
+        bands = []
+        for share, (a, z) in early_schedule(convs, cuts, ih, [flow.inputs[q].rows
+                                                                for q in mine]):
+            deps = [q for q in mine if flow.inputs[q].rows[0] < z and a < flow.inputs[q].rows[1]]
+            bands.append((share * work, deps))
+        out.append(bands)
+    return out
 
 
 def plan_timelines(plan: Plan, cluster: Cluster) -> list[Timeline]:

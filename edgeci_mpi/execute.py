@@ -370,13 +370,20 @@ class Executor:
 
     @torch.no_grad()
     def run(self, plan, x: torch.Tensor) -> torch.Tensor:
-        for block in plan.blocks:
+        from .chanbands import row_cuts
+        from .flows import plan_flows
+
+        flows = plan_flows(plan) if any(b.split for b in plan.blocks) else []
+        for bi, block in enumerate(plan.blocks):
             c, h, w = block.out_chw
             out = x.new_empty(x.shape[0], c, h, w)
             if block.split:  # every device's channels of the whole map, tiles met
                 run = self.channel_runner(block.start, block.stop)
                 rects = [(t.out_rows, t.out_cols) for t in block.tiles]
-                gens = [run.steps(x, tuple(ch), rects, me)
+                # the leading convs in the bands the runtime computes (the same bits)
+                cuts = row_cuts([r for _, r, _ in flows[bi].before], block.in_chw[1]) \
+                    if block.split.get("early_convs") else None
+                gens = [run.steps(x, tuple(ch), rects, me, cuts)
                         for me, ch in enumerate(block.split["channels"])]
                 for t, y in zip(block.tiles, drive_channels(gens, rects)):
                     out[:, :, t.out_rows[0]:t.out_rows[1], t.out_cols[0]:t.out_cols[1]] = y

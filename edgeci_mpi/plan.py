@@ -66,8 +66,10 @@ class Block:
     #: a channel-split block (``chansplit``; device to device): {"channels": per tile [first,
     #: end) of the split channels, "pre": per tile the work before its scatter conv,
     #: "scatter": per tile that conv's work over the whole map (its partial sums, computed
-    #: and sent tile by tile), "partial_c": channels of the map it reduce-scatters}; {} for
-    #: spatial tiles.  Its tiles,
+    #: and sent tile by tile), "partial_c": channels of the map it reduce-scatters, "early":
+    #: per tile the work of its leading convs (part of "pre", computed band by band while
+    #: the input arrives: ``chanbands``), "early_convs": per leading conv [kernel, stride,
+    #: padding, dilation, output rows, share of that work]}; {} for spatial tiles.  Its tiles,
     #: one per device in rank order, each need the whole input map and own an output tile.
     split: dict = field(default_factory=dict)
 
@@ -200,9 +202,12 @@ class Plan:
 def _split(d: dict) -> dict:
     if not d:
         return {}
+    n = len(d["channels"])
     return {"channels": [[int(a), int(b)] for a, b in d["channels"]],
             "pre": [float(w) for w in d["pre"]], "scatter": [float(w) for w in d["scatter"]],
-            "partial_c": int(d["partial_c"])}
+            "partial_c": int(d["partial_c"]),
+            "early": [float(w) for w in d.get("early", [0.0] * n)],
+            "early_convs": [[float(v) for v in c] for c in d.get("early_convs", [])]}
 
 
 def _check_split(b: Block) -> None:

@@ -182,8 +182,8 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
     (device-to-device blocks chained by ``cost.chain_blocks``): when each device is done with
     the previous block - it sends and computes no earlier; times are then on that clock.
     ``split`` (a channel-split block: per tile its work before its scatter conv, that conv's
-    work, and the bytes of one partial-sum message to it): step 4 is
-    ``chancost.channel_ends``."""
+    work, the bytes of one partial-sum message to it, and its early bands with the inputs
+    each waits for, ``cost.early_bands``): step 4 is ``chancost.channel_ends``."""
     devs = cluster.devices
     links = _Links(cluster.network)
     copy = [d.copy_s_per_byte for d in devs]
@@ -191,7 +191,7 @@ def timeline(cluster: Cluster, tiles: Sequence[tuple[int, float]], inputs: Seque
         devs, links, copy, len(tiles), inputs, collect, star, slice_bytes, collect_bytes,
         ready)
     arrive, end = _compute(cluster, tiles, need, free, copy, start if star else None,
-                           assemble, ends, syncs, split)
+                           assemble, ends, syncs, split, moves_in[len(collect):])
     return _place_outputs(cluster, links, copy, outputs, moves_in, arrive, end, star, start,
                           scatter, stitch_bytes, bool(inputs), len(collect))
 
@@ -243,7 +243,8 @@ def _place_inputs(devs, links: "_Links", copy: list[float], n_tiles: int,
 def _compute(cluster: Cluster, tiles: Sequence[tuple[int, float]], need: list[float],
              free: dict[int, float], copy: list[float], star_start: float | None,
              assemble: Sequence[float] | None, ends: dict[int, float] | None,
-             syncs: Sequence[Sequence[float]], split=None) -> tuple[list[float], list[float]]:
+             syncs: Sequence[Sequence[float]], split=None, moves_in: Sequence[float] = ()
+             ) -> tuple[list[float], list[float]]:
     """Step 4 of :func:`timeline`: when each tile's input is assembled and when it is done
     (``star_start``: when rank 0 may start its own tile in the star; ``None`` otherwise)."""
     devs = cluster.devices
@@ -268,7 +269,7 @@ def _compute(cluster: Cluster, tiles: Sequence[tuple[int, float]], need: list[fl
         end.append(e)
     if split is not None and ends is None:  # channel split: gathers, the reduce-scatter
         end = channel_ends(cluster, tiles, arrive, free_before, slow, syncs, split,
-                           _Links(cluster.network), pair_parts)
+                           _Links(cluster.network), pair_parts, moves_in)
     elif syncs and ends is None:  # squeeze-excitation pools: every device meets at each
         end = block_ends(cluster, tiles, need, star_start or 0.0, slow, assemble,
                          free_before, syncs) or end

@@ -34,6 +34,14 @@ class ChannelSplit:
     partial_c: int
     gathers: tuple[int, ...] = ()
     granule: int = 1          # shares are whole multiples of this (a grouped conv's group size)
+    #: the split convs that lead the unit and read only its input (``chansplit.early_convs``):
+    #: computed band by band as the input map's pieces arrive
+    early: tuple[int, ...] = ()
+
+    def early_work(self, ops) -> float:
+        """Work of the :attr:`early` convs over the whole map, all channels."""
+        return sum(ops[i].flops_per_pixel * ops[i].out_hw[0] * ops[i].out_hw[1]
+                   for i in self.early)
 
     def works(self, ops) -> tuple[float, float, float, float, float]:
         """(whole work before the scatter conv, sliced work, the scatter conv's, whole work

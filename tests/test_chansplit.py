@@ -184,3 +184,93 @@ def test_a_quota_burst_is_credited_only_after_a_rest():
     for d, (r, b_) in enumerate(zip(rested, busy)):  # rested: half of it at full speed
         full = cl.devices[d].compute_time(b.split["pre"][d], 0.0)
         assert b_ - r >= 0.9 * (full - 0.5 * full)
+
+
+# --- early bands: the leading convs computed while the input arrives (chanbands) ---------------
+
+def test_conv_bands_cover_every_output_row_once_reading_what_the_conv_reads():
+    from edgeci_mpi.chanbands import band_order, conv_bands, row_cuts
+    from edgeci_mpi.geometry import Window
+
+    cuts = row_cuts([(0, 5), (5, 9), (9, 14), (3, 7)], 14)
+    assert cuts == [0, 3, 5, 7, 9, 14]
+    for win, h_out in ((Window(3, 1, 1), 14), (Window(3, 2, 1), 7), (Window(1, 2, 0), 7),
+                       (Window(5, 1, 2, 1), 14), (Window(3, 1, 2, 2), 14)):
+        bands = conv_bands(cuts, 14, h_out, win)
+        rows = [o for (a, b), _ in bands for o in range(a, b)]
+        assert rows == list(range(h_out))
+        for (a, b), (n0, n1) in bands:
+            for o in range(a, b):  # every input row an output row reads is in its band's
+                lo, hi = win.stride * o - win.padding, win.stride * o - win.padding + win.span
+                assert n0 <= max(lo, 0) and min(hi, 14) <= n1
+    # what a device holds first, then in the order its pieces come
+    assert band_order([(0, 4), (3, 8), (7, 12)], [(8, 12), (0, 3)]) == [1, 2, 0]
+
+
+def test_the_leading_conv_waits_for_the_rows_it_reads_and_stays_exact():
+    """ResNet-18's channel-split units computed with the input arriving piece by piece: rows
+    not yet asked for hold NaN, so any read ahead of its "rows" request would show; the tiles
+    equal the whole-map computation."""
+    from edgeci_mpi.chanbands import row_cuts
+
+    model, mg = _traced("resnet18", (3, 64, 64))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    vals = _values(mg, x)
+    runs = [(i, j, how) for i, j, how in mg.spec.chan_splits
+            if how.early and mg.spec.units[i].in_chw[1] >= 6]
+    assert len(runs) >= 2
+    for i, j, how in runs:
+        run = ChannelRunner(mg, i, j)
+        full = vals[mg.unit_inputs[i]]
+        _, h, w = mg.spec.units[j - 1].out_chw
+        rects = [((0, h // 2), (0, w)), ((h // 2, h), (0, w))]
+        ih = full.shape[2]
+        pieces = [(0, ih // 3), (ih // 3, 2 * ih // 3), (2 * ih // 3, ih)]
+        cuts = row_cuts(pieces, ih)
+        ref = drive_channels([run.steps(full, ch, rects, me)
+                              for me, ch in enumerate(_shares(how, [1.0, 1.0]))], rects)
+        for me, ch in enumerate(_shares(how, [1.0, 1.0])):
+            held = pieces[me]
+            remote = [p for p in pieces if p != held][::-1]
+            x_me = torch.full_like(full, float("nan"))
+            x_me[:, :, held[0]:held[1]] = full[:, :, held[0]:held[1]]
+            gen = run.steps(x_me, ch, rects, me, cuts, remote)
+            asked, shares = [], 0.0
+            ev = next(gen)
+            while ev[0] == "rows":
+                a, z = ev[2]
+                asked.append((a, z))
+                for p in remote:  # the pieces that meet the rows arrive
+                    if p[0] < z and a < p[1]:
+                        x_me[:, :, p[0]:p[1]] = full[:, :, p[0]:p[1]]
+                shares += max(ev[1], 0.0)
+                ev = gen.send(None)
+            assert asked[-1] == (0, ih) and len(asked) > 2, asked
+            assert abs(shares - 1.0) < 1e-9
+            # the first band needs only what it holds or the first piece to come
+            first = asked[0]
+            assert any(p[0] < first[1] and first[0] < p[1] for p in [held, remote[0]])
+            assert ev[0] in ("piece", "scatter", "gather")
+            assert not torch.isnan(x_me).any()
+        del ref
+
+
+def test_a_channel_block_computes_its_leading_conv_while_the_map_arrives():
+    """On slow links the whole-map gather dominates a channel-split unit: with its leading
+    conv in bands each device starts on the rows it has, so the block ends sooner than the
+    same block priced with its early convs waiting for the whole map (fails before the
+    bands)."""
+    _, mg = _traced("resnet18", (3, 64, 64))
+    spec = mg.spec
+    i, j, _ = next(r for r in spec.chan_splits if spec.units[r[0]].out_chw[1] == 8 and r[2].early)
+    cl = Cluster("t", tuple(Device(f"d{d}", 1e9, 1e-3, 2.5e7, 2e-4) for d in range(4)),
+                 network="switched")
+    b = channel_block(spec, cl, i, j, range(4))
+    assert b.split["early_convs"] and all(e > 0 for e in b.split["early"])
+    _, ih, iw = spec.units[i].in_chw
+    held = [(d, r, (0, iw)) for d, r in enumerate(split_sizes([ih // 4] * 4))]
+    banded = schedule_flow(cl, b, block_flow(b, held)).finish
+    whole = Plan.from_json(Plan("m", (3, 64, 64), "t", "c", ["a"] * 4, [b]).to_json()).blocks[0]
+    whole.split["early_convs"] = []
+    waited = schedule_flow(cl, whole, block_flow(whole, held)).finish
+    assert banded < waited - 0.5e-3, (banded, waited)

@@ -1,8 +1,9 @@
 """One rank's side of a channel-split block (``chansplit``; ``Block.split``).
 
-The rank holds the block's whole input map (its flow brought it, as for any device-to-device
-block), runs its channels through ``ChannelRunner.steps`` and meets the block's other devices
-where the generator yields:
+The rank gets the block's whole input map (its flow brings it, as for any device-to-device
+block; :class:`Feed` waits for each piece only when a band of the leading convs needs it,
+``chanbands``), runs its channels through ``ChannelRunner.steps`` and meets the block's other
+devices where the generator yields:
 
 * a **gather** (a squeeze-excitation pool): its zero-padded per-channel values go to the
   block's root and the total comes back (``syncround.BlockSyncs.exchange``: root-and-back,
@@ -27,32 +28,85 @@ import time
 import numpy as np
 import torch
 
+from ..chanbands import row_cuts
 from ..chancost import pieces, scatter_sizes
 from ..chansplit import add_in_order
 from ..plan import Block
 from ..timeline import _Links, pair_parts
 from .emulate import sleep_until
+from .pieces import paste
 from .syncround import BlockSyncs
 
 
-def compute_channels(runner, bi: int, block: Block, ti: int, x: torch.Tensor, image: int
-                     ) -> torch.Tensor:
+def compute_channels(runner, bi: int, block: Block, ti: int, x: torch.Tensor, image: int,
+                     feed: "Feed | None" = None) -> torch.Tensor:
     """``runner``'s (an ``engine.PlanRunner``) one tile ``ti`` of channel-split block ``bi``
-    from the whole input map ``x``; its compute seconds go to ``runner.last``."""
+    from the whole input map ``x`` - which ``feed``, if given, is still filling: the leading
+    convs run band by band as its pieces come (``chanbands``); its compute seconds go to
+    ``runner.last``."""
     with torch.no_grad():
-        return _compute(runner, bi, block, ti, x, image)
+        return _compute(runner, bi, block, ti, x, image, feed)
 
 
-def _compute(runner, bi: int, block: Block, ti: int, x: torch.Tensor, image: int):
+class Feed:
+    """A channel-split block's input pieces, waited for one by one as the bands need them
+    (``chanbands``): each received piece is landed (emulated links: not before its modelled
+    arrival) and pasted into the tile's input buffer when it has one."""
+
+    def __init__(self, runner, x, recvs: list, what: str):
+        self.comm, self.x, self.what = runner.comm, x, what
+        n = len(x.recvs)
+        self.data = recvs[:n]
+        stamps = iter(recvs[n:])
+        self.stamps = {q: next(stamps) for q, r in enumerate(x.recvs) if r.stamp is not None}
+        self.done: set[int] = set()
+        self.buf = self.region = None
+
+    def into(self, buf: torch.Tensor, region) -> None:
+        """Paste the pieces into ``buf`` (covering ``region``) as they come."""
+        self.buf, self.region = buf, region
+
+    def remote(self) -> list[tuple[int, int]]:
+        """The rows of the pieces in the order they are expected: as modelled on emulated
+        links (``chancost``: the bands go as the pieces come), else the flow's order."""
+        recvs = self.x.recvs
+        if any(r.stamp is not None for r in recvs):
+            recvs = sorted(recvs, key=lambda r: r.offset)
+        return [r.rect[0] for r in recvs]
+
+    def ensure(self, rows: tuple[int, int]) -> None:
+        """Every piece whose rows meet ``rows`` is in (and pasted)."""
+        for q, r in enumerate(self.x.recvs):
+            if q in self.done or not (r.rect[0][0] < rows[1] and rows[0] < r.rect[0][1]):
+                continue
+            self.comm.wait(self.data[q], self.what)
+            if q in self.stamps:
+                self.comm.wait(self.stamps[q], self.what)
+                sleep_until(float(r.stamp[0]) + r.offset)
+            if self.buf is not None:
+                paste(self.buf, self.region, r.buf, r.rect)
+            self.done.add(q)
+
+    def finish(self, sends: list) -> None:
+        self.ensure((-1, 1 << 30))
+        self.comm.wait_all(sends, self.what)
+
+
+def _compute(runner, bi: int, block: Block, ti: int, x: torch.Tensor, image: int,
+             feed: Feed | None = None):
     run = runner.executor.channel_runner(block.start, block.stop)
     sy: BlockSyncs = runner.syncs[bi]
     tile = block.tiles[ti]
     rects = [(t.out_rows, t.out_cols) for t in block.tiles]
-    gen = run.steps(x, tuple(block.split["channels"][ti]), rects, ti)
+    cuts = block_cuts(runner.flows[bi], block)
+    gen = run.steps(x, tuple(block.split["channels"][ti]), rects, ti, cuts,
+                    feed.remote() if feed is not None else ())
     pre, scatter = block.split["pre"][ti], block.split["scatter"][ti]
+    early = block.split.get("early", [0.0] * len(block.tiles))[ti]
     share = scatter_sizes(block)[0]
     emu = runner.emulator
     busy, seg, value, k = 0.0, time.perf_counter(), None, 0
+    since, band, banded = 0.0, 0.0, 0.0  # compute since the last stretch; a band's work
     rs: _Scatter | None = None
     while True:
         try:
@@ -64,13 +118,23 @@ def _compute(runner, bi: int, block: Block, ti: int, x: torch.Tensor, image: int
             return done.value.contiguous()
         took = time.perf_counter() - seg
         value = None
-        if event[0] == "gather":
+        if event[0] == "rows":  # an early band (or the whole map) needs these input rows
+            if band:
+                emu.stretch_compute(band, since + took, image, call=False)
+                banded += band
+            busy += time.perf_counter() - seg
+            since = 0.0
+            band = event[1] * early if event[1] >= 0 else 0.0
+            if feed is not None:
+                feed.ensure(event[2])
+        elif event[0] == "gather":
             busy += took
+            since += took
             value = sy.exchange(runner, k, event[1])
             k += 1
         else:  # the scatter conv's pieces, the last one this tile's own
             if rs is None:  # the first work done: its modelled time, then the receives
-                emu.stretch_compute(pre, busy + took, image)
+                emu.stretch_compute(pre - banded, since + took, image)
                 rs = _Scatter(runner, bi, block, ti, rects, sy, k)
             else:
                 j = event[1] if event[0] == "piece" else ti
@@ -131,3 +195,11 @@ class _Scatter:
                         lambda p, j: block.split["scatter"][p] * share[j] / speed[p],
                         nbytes, _Links(view.network), pair_parts)
         return got[self.ti]
+
+
+def block_cuts(flow, block: Block) -> list[int] | None:
+    """The row cuts of a channel-split block's early bands (``chanbands``), from the pieces
+    its input is held in; None when it has no early convs."""
+    if not block.split.get("early_convs"):
+        return None
+    return row_cuts([r for _, r, _ in flow.before], block.in_chw[1])

@@ -62,7 +62,7 @@ from .emulate import Emulator, sleep_until
 from .failure import Injection
 from .pieces import (Exchange, Input, build, cut, exchange, needs_map, paste, tile_inputs,
                      whole_map)
-from .chanround import compute_channels
+from .chanround import Feed, compute_channels
 from .syncround import compute_synced, plan_syncs
 
 
@@ -240,12 +240,17 @@ class PlanRunner:
         t0 = time.perf_counter()
         flow, x = self.flows[bi], self.xin[bi]
         rects = [(r, c) for _, r, c in flow.before]
+        feed = None
         if x:
             recvs, sends = self._post(x, held, rects)
             devs = sorted({r.src for r in x.recvs} | {s.dst for s in x.sends})
-            self.comm.wait_all(recvs + sends, f"block {bi} ({block.name}) pieces to and from "
-                                              f"ranks {','.join(map(str, devs))}")
-            self._land(x)
+            what = f"block {bi} ({block.name}) pieces to and from ranks " \
+                   f"{','.join(map(str, devs))}"
+            if block.split and self.mine[bi]:  # its pieces waited for as its bands need them
+                feed = Feed(self, x, recvs, what)
+            else:
+                self.comm.wait_all(recvs + sends, what)
+                self._land(x)
         out: dict[int, torch.Tensor] = {}
         synced = []
         for ti in self.mine[bi]:
@@ -255,10 +260,15 @@ class PlanRunner:
                 xin = cut(held[how.index], rects[how.index], (t.in_rows, t.in_cols))
             elif how.kind == "recv":
                 xin = x.recvs[how.index].buf
+            elif feed is not None:  # what it holds now, the pieces as they come
+                xin = build(how.buf, (t.in_rows, t.in_cols), self.rank, held, flow, Exchange())
+                feed.into(xin, (t.in_rows, t.in_cols))
             else:
                 xin = build(how.buf, (t.in_rows, t.in_cols), self.rank, held, flow, x)
             if block.split:  # channels of the whole map, met with the block's other devices
-                out[ti] = compute_channels(self, bi, block, ti, xin, image)
+                out[ti] = compute_channels(self, bi, block, ti, xin, image, feed)
+                if feed is not None:
+                    feed.finish(sends)
             elif self.syncs[bi] is not None:
                 synced.append((ti, xin))
             else:

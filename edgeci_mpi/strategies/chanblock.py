@@ -63,6 +63,7 @@ def channel_block(spec: ModelSpec, cluster: Cluster, start: int, stop: int,
     units = spec.units[start:stop]
     ops = [op for u in units for op in u.ops]
     pre, sliced, scatter, post, strip = how.works(ops)
+    early = how.early_work(ops)
     fixed = sum(u.fixed_work for u in units)
     c_in, ih, iw = units[0].in_chw
     c_out, h, w = units[-1].out_chw
@@ -73,7 +74,7 @@ def channel_block(spec: ModelSpec, cluster: Cluster, start: int, stop: int,
     g = how.granule
     chans = [(a * g, b * g) for a, b in split_sizes(speed_shares(how.channels // g, speeds))]
     slow = contention(cluster, devices)
-    tiles, pres, scatters = [], [], []
+    tiles, pres, scatters, earlies = [], [], [], []
     for (d, rows, cols), (c0, c1) in zip(rects, chans):
         s = (c1 - c0) / how.channels
         a = (rows[1] - rows[0]) * (cols[1] - cols[0]) / (h * w)
@@ -84,10 +85,26 @@ def channel_block(spec: ModelSpec, cluster: Cluster, start: int, stop: int,
                           dev.compute_time(work) * slow[d], 0.0))
         pres.append(before)
         scatters.append(s * scatter)
+        earlies.append(s * early)
     share = 1.0 / len(devices)
     syncs = [[f, float(how.channels * 4)] for f in how.gather_fractions(ops, share)]
     return Block(start, stop, block_name(spec, start, stop), (c_in, ih, iw), (c_out, h, w),
                  tiles, source="d2d", syncs=syncs,
                  split={"channels": [list(c) for c in chans], "pre": pres,
-                        "scatter": scatters, "partial_c": how.partial_c})
+                        "scatter": scatters, "partial_c": how.partial_c,
+                        "early": earlies, "early_convs": early_convs(ops, how, early)})
+
+
+def early_convs(ops, how, early: float) -> list[list[float]]:
+    """``Block.split["early_convs"]``: per early conv of the block (``chanbands``) its row
+    window ``[kernel, stride, padding, dilation]``, its output rows and its share of the early
+    work."""
+    out = []
+    for i in how.early:
+        op = ops[i]
+        win = op.windows[0]
+        w = op.flops_per_pixel * op.out_hw[0] * op.out_hw[1]
+        out.append([win.kernel, win.stride, win.padding, win.dilation, op.out_hw[0],
+                    w / early if early > 0 else 0.0])
+    return out
 

@@ -1,0 +1,74 @@
+"""Early bands in torch (``chanbands`` has the plain geometry): which convs of a channel-split
+unit lead it (:func:`early_convs`, at trace time), one of them computed band by band as the
+input's rows come (:func:`banded_conv`), and the requests for rows answered at once where the
+input is all there (:func:`rows_answered`: one process, ``chansplit.drive_channels``)."""
+from __future__ import annotations
+
+from typing import Generator, Sequence
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .chanbands import band_order, conv_bands
+from .geometry import Window, window_input
+from .opkinds import data_inputs, mutated_arg, shape_of
+
+
+def early_convs(nodes: Sequence[fx.Node], inp: fx.Node, kinds: dict, gm: fx.GraphModule,
+                split: set[int]) -> tuple[int, ...]:
+    """The split convs that lead the unit and read only its input (``chanbands``: computed
+    band by band while the input arrives): zero padding given as numbers, and no op of the
+    unit writes its input in place (the runner would copy it before it is all in)."""
+    def module(n: fx.Node):
+        return gm.get_submodule(n.target) if n.op == "call_module" else None
+
+    if any(mutated_arg(n, module(n)) is inp for n in nodes):
+        return ()
+    out = []
+    for i, n in enumerate(nodes):
+        m = kinds[n].op if kinds[n].kind == "conv" and isinstance(kinds[n].op, nn.Conv2d) \
+            else None
+        if i not in split or data_inputs(n) != [inp] or m is None or \
+                isinstance(m.padding, str) or getattr(m, "padding_mode", "zeros") != "zeros":
+            break
+        out.append(i)
+    return tuple(out)
+
+
+def banded_conv(x, n: fx.Node, conv, w, b, cuts: Sequence[int], remote, share: float):
+    """An early conv over the whole map ``x``, its channel share's weights ``w, b``, band by
+    band (``chanbands``): before each band ``("rows", its share of the early work, the input
+    rows it reads)``; ``share``: this conv's share of the early work."""
+    kh = conv.weight.shape[2]
+    (sr, sc), (pr, pc), (dr, dc) = _pair(conv.stride), _pair(conv.padding), \
+        _pair(conv.dilation)
+    win = Window(int(kh), sr, pr, dr)
+    h_out, w_out = shape_of(n)[2:]
+    bands = conv_bands(cuts, x.shape[2], h_out, win)
+    out = x.new_empty(x.shape[0], w.shape[0], h_out, w_out)
+    for i in band_order([need for _, need in bands], remote):
+        (o0, o1), (a, z) = bands[i]
+        yield ("rows", share * (o1 - o0) / h_out, (a, z))
+        top, bottom = window_input((o0, o1), win)
+        slab = F.pad(x[:, :, a:z], (pc, pc, a - top, bottom - z))
+        out[:, :, o0:o1] = F.conv2d(slab, w, b, (sr, sc), 0, (dr, dc), 1)
+    return out
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def rows_answered(gen: Generator) -> Generator:
+    """``gen`` with its ``("rows", ...)`` requests answered at once (the input is all in)."""
+    value = None
+    while True:
+        try:
+            event = gen.send(value)
+        except StopIteration as done:
+            return done.value
+        if event[0] == "rows":
+            value = None
+            continue
+        value = yield event
