@@ -228,10 +228,12 @@ def proportional(sizes: list[int], times: list[float], total: int) -> list[int]:
     return out
 
 
-def rebalance(layout: Layout, owner: list[int], cost: CostFn, iterations: int = 4
-              ) -> tuple[Layout, list[float]]:
+def rebalance(layout: Layout, owner: list[int], cost: CostFn, iterations: int = 4,
+              finish=None) -> tuple[Layout, list[float]]:
     """Resize tiles (device per position fixed) towards equal finish times; best layout kept."""
     def evaluate(lay: Layout) -> list[float]:
+        if finish is not None:
+            return finish(owner, lay.rects())
         return [cost(d, r, c) for d, (r, c) in zip(owner, lay.rects())]
 
     best, best_t = layout, evaluate(layout)

@@ -326,3 +326,32 @@ def test_device_to_device_blocks_chain_without_a_barrier():
     plan.blocks.append(block(2, 1.0, 1.0, "star"))
     done = chain_blocks(cluster, plan.blocks, plan_flows(plan), 0, [0.0, 0.0, 2.0])
     assert done[2] == pytest.approx(4.0 + 2.0)
+
+
+def test_the_first_blocks_tiles_are_balanced_with_their_wait_for_rank_0s_sends():
+    """The first block's regions leave rank 0 one behind another (the link model's rank 0
+    side in turn), so a tile sent late starts late.  Beside AWAS's layouts balanced tile by
+    tile, ``d2d_layouts`` offers ones balanced with that wait: there the tiles sent first are
+    larger, and the block is priced to end sooner than with any plain layout (fails before:
+    only the plain ones were offered)."""
+    from edgeci_mpi.cost import DeviceArrays
+    from edgeci_mpi.models import load_model_graph
+    from edgeci_mpi.strategies.common import price_d2d
+    from edgeci_mpi.strategies.d2d_layouts import d2d_layouts, device_classes, layout_bands
+
+    _, mg = load_model_graph("resnet34", None)
+    cl = load_cluster("boards-gigabit").resized(8)
+    spec = mg.spec
+    lays = d2d_layouts(spec, cl, DeviceArrays(cl), device_classes(cl), 0, 2, list(range(8)))
+    _, h, w = spec.units[1].out_chw
+    assert len(lays) == 2 * len(layout_bands(h, w, 8))
+    ends = [price_d2d(lay.template, cl, start_holdings(spec.input_chw), False)
+            for lay in lays]
+    finish = [lay.template.predicted_s for lay in lays]
+    plain, serial = finish[0::2], finish[1::2]
+    assert min(serial) < min(plain) - 0.5e-3, (plain, serial)
+    best = lays[1::2][serial.index(min(serial))].template
+    flow = ends[1::2][serial.index(min(serial))]
+    sent = [m.dst for m in flow.inputs]  # rank 0's sends, in the order they leave
+    size = {t.device: t.flops for t in best.tiles}
+    assert size[sent[0]] > size[sent[-1]]

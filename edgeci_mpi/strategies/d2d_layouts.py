@@ -132,7 +132,7 @@ def held_model(geom: BlockGeom, before: list[Piece], arr: DeviceArrays, last: bo
 
 
 def quick_awas(h: int, w: int, devices: list[int], bands: int, cost, work, model,
-               same: bool = False) -> tuple[list[Rect], float]:
+               same: bool = False, finish=None) -> tuple[list[Rect], float]:
     """AWAS's quick round for one band count (``awas.awas`` with ``quick``, the layout given):
     the even layout, the bottleneck assignment of tiles to devices (skipped when the devices
     are all interchangeable, ``same``), then tile sizes rebalanced towards equal finish
@@ -144,7 +144,7 @@ def quick_awas(h: int, w: int, devices: list[int], bands: int, cost, work, model
     else:
         works = np.array([work(r, c) for r, c in rects], dtype=float)
         owner = [devices[c] for c in bottleneck_assign(model(devices, works), tie_break=False)]
-    lay, times = rebalance(lay, owner, cost)
+    lay, times = rebalance(lay, owner, cost, finish=finish)
     return [(d, r, c) for d, (r, c) in zip(owner, lay.rects())], max(times)
 
 
@@ -184,10 +184,29 @@ def d2d_layouts(spec: ModelSpec, cluster: Cluster, arr: DeviceArrays, classes, i
         _, _, lat, inv_bw, _, _ = scalar[d]
         return arr.compute_one(d, flops) + lat * msgs + (in_b + out_b) * inv_bw
 
+    def serial(owner, rects):
+        """Each tile's finish with rank 0 sending the regions in turn, longest compute first
+        (``d2d_tiles``' order; the link model's own, ``timeline._place_inputs``)."""
+        base = [cost(d, r, c) for d, (r, c) in zip(owner, rects)]
+        comp = [arr.compute_one(d, work(r, c)[0]) for d, (r, c) in zip(owner, rects)]
+        lane = 0.0
+        for q in sorted(range(len(rects)), key=lambda q: -comp[q]):
+            d = owner[q]
+            if d == 0:
+                continue
+            _, in_b, _, _ = work(*rects[q])
+            _, _, lat, inv_bw, _, _ = scalar[d]
+            base[q] += lane
+            lane += in_b * inv_bw + (lat if shared else 0.0)
+        return base
+
     block_work = geom.tile_work((0, h), (0, w))[0]
     out = []
-    for bands in layout_bands(h, w, k):
-        rects, _ = quick_awas(h, w, devices, bands, cost, work, arr.matrix, same)
+    # the first block's regions leave rank 0 one behind another: its layouts are offered
+    # both as AWAS balances them alone and with each tile's wait for the sends before it
+    for bands, finish in [(b, f) for b in layout_bands(h, w, k)
+                          for f in ((None, serial) if first else (None,))]:
+        rects, _ = quick_awas(h, w, devices, bands, cost, work, arr.matrix, same, finish)
         rects = canonical(rects, classes)
         template = d2d_tiles(spec, cluster, i, j, rects, geom)
         per_dev: dict[int, float] = {}
