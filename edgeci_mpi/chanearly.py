@@ -1,7 +1,10 @@
 """Early bands in torch (``chanbands`` has the plain geometry): which convs of a channel-split
 unit lead it (:func:`early_convs`, at trace time), one of them computed band by band as the
 input's rows come (:func:`banded_conv`), and the requests for rows answered at once where the
-input is all there (:func:`rows_answered`: one process, ``chansplit.drive_channels``)."""
+input is all there (:func:`rows_answered`: one process, ``chansplit.drive_channels``).  And
+the whole-map ops that only feed the tile - a downsample branch's conv and batch norm - moved
+onto the tile (:func:`to_tiles`, :func:`tile_conv`): each device computes them for its own
+output tile, not for the whole map."""
 from __future__ import annotations
 
 from typing import Generator, Sequence
@@ -11,8 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .chanbands import band_order, conv_bands
-from .geometry import Window, window_input
+from .geometry import Window, clamp, window_input
 from .opkinds import data_inputs, mutated_arg, shape_of
+from .units import FULL, STRIP
 
 
 def early_convs(nodes: Sequence[fx.Node], inp: fx.Node, kinds: dict, gm: fx.GraphModule,
@@ -72,3 +76,52 @@ def rows_answered(gen: Generator) -> Generator:
             value = None
             continue
         value = yield event
+
+
+def to_tiles(nodes: Sequence[fx.Node], index: dict, state: dict, kinds: dict, out_hw) -> None:
+    """Whole-map ops (``FULL``) of the unit's output size whose every use ends on the tile
+    (``STRIP``) move onto the tile: a conv that reads whole maps (:func:`tile_conv` cuts its
+    window) and the spatially element-wise ops on such convs (a downsample branch's conv and
+    batch norm).  Candidates that feed anything else, or read a whole map other than through
+    such a conv, drop out until none does.  In place on ``state``."""
+    def conv_of(n):
+        k = kinds[n]
+        return k.op if k.kind == "conv" and isinstance(k.op, nn.Conv2d) else None
+
+    cand = set()
+    for n in nodes:
+        shape = shape_of(n)
+        if state.get(n) != FULL or not n.users or shape is None or len(shape) != 4 or \
+                tuple(shape[2:]) != tuple(out_hw) or tuple(out_hw) == (1, 1):
+            continue
+        m, k, ins = conv_of(n), kinds[n], data_inputs(n)
+        if m is not None:
+            if not isinstance(m.padding, str) and m.padding_mode == "zeros" and len(ins) == 1:
+                cand.add(n)
+        elif k.kind in ("elementwise", "identity") and not k.layout and k.windows is None \
+                and ins:
+            cand.add(n)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(cand):
+            on_tile = all(u in index and (state.get(u) == STRIP or u in cand) for u in n.users)
+            feeds = conv_of(n) is not None or \
+                all(state.get(a) == STRIP or a in cand for a in data_inputs(n))
+            if not (on_tile and feeds):
+                cand.discard(n)
+                changed = True
+    for n in cand:
+        state[n] = STRIP
+
+
+def tile_conv(x, conv, rows, cols):
+    """``conv`` over the whole map ``x``, only for the output tile ``rows`` x ``cols``."""
+    (sr, sc), (pr, pc), (dr, dc) = _pair(conv.stride), _pair(conv.padding), \
+        _pair(conv.dilation)
+    kh, kw = conv.weight.shape[2:]
+    wr, wc = Window(int(kh), sr, pr, dr), Window(int(kw), sc, pc, dc)
+    (a, b), (e, f) = window_input(rows, wr), window_input(cols, wc)
+    (ca, cb), (ce, cf) = clamp((a, b), x.shape[2]), clamp((e, f), x.shape[3])
+    slab = F.pad(x[:, :, ca:cb, ce:cf], (ce - e, f - cf, ca - a, b - cb))
+    return F.conv2d(slab, conv.weight, conv.bias, (sr, sc), 0, (dr, dc), conv.groups)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from .opkinds import (ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES,
                       data_inputs, mutated_arg, shape_of)
 from .reduction import Partial, combine, on_wire
-from .chanearly import banded_conv, early_convs, rows_answered
+from .chanearly import banded_conv, early_convs, rows_answered, tile_conv, to_tiles
 from .units import FULL, SLICED, STRIP, ChannelSplit
 
 Rect = tuple[tuple[int, int], tuple[int, int]]
@@ -226,6 +226,7 @@ def _propagate(nodes, index, inp, kinds, gm, unsplit, out_hw) -> ChannelSplit | 
         return None
     if any(state[n] == SLICED and any(u not in index for u in n.users) for n in nodes):
         return None  # a slice that leaves the unit
+    to_tiles(nodes, index, state, kinds, out_hw)
     return ChannelSplit(tuple(state[n] for n in nodes), tuple(split), channels, scatter,
                         partial_c, tuple(gathers), granule, early_convs(nodes, inp, kinds, gm,
                                                                         set(split)))
@@ -350,6 +351,9 @@ class ChannelRunner:
                     v = self._run(n, env, lambda a: self._narrow(a, env, c0, c1, vectors=True))
                 else:
                     v = self._run(n, env, lambda a: self._narrow(a, env, c0, c1))
+            elif st == STRIP and conv is not None and \
+                    self.state.get(data_inputs(n)[0]) == FULL:  # a whole map's conv, on the tile
+                v = tile_conv(self._arg(n, env), conv, (r0, r1), (q0, q1))
             elif st == STRIP:
                 v = self._run(n, env, lambda a: self._to_tile(a, env, r0, r1, q0, q1))
             else:

@@ -274,3 +274,21 @@ def test_a_channel_block_computes_its_leading_conv_while_the_map_arrives():
     whole.split["early_convs"] = []
     waited = schedule_flow(cl, whole, block_flow(whole, held)).finish
     assert banded < waited - 0.5e-3, (banded, waited)
+
+
+def test_a_downsample_branch_runs_on_each_devices_tile_only():
+    """A BasicBlock's downsample (1x1 stride-2 conv and batch norm on the whole input) only
+    feeds the residual add on the tile: every device computes it for its own output tile,
+    not the whole map (fails before: it ran whole on every device, work counted whole)."""
+    _, mg = _traced("resnet34", (3, 224, 224))
+    spec = mg.spec
+    downs = [(i, how) for i, j, how in spec.chan_splits
+             if any(n.name.endswith("downsample_0") for n in mg.unit_nodes[i])]
+    assert len(downs) == 3  # layer2.0, layer3.0, layer4.0
+    for i, how in downs:
+        names = [n.name for n in mg.unit_nodes[i]]
+        for k, name in enumerate(names):
+            if "downsample" in name:
+                assert how.states[k] == STRIP, (names, how.states)
+        _, _, _, post, strip = how.works(spec.units[i].ops)
+        assert post == 0.0 and strip > 0.0
