@@ -632,6 +632,28 @@ def test_a_plan_with_a_hand_edited_halo_is_refused():
         check_plan_geometry(bad, mg.spec, "p.json")
 
 
+def test_a_plan_with_channel_split_blocks_passes_the_geometry_check():
+    """A ``plan --json`` file with blocks split by channels (their tiles read the whole map)
+    is taken by ``run --plan`` (it was refused as a wrong halo before); a split the model
+    cannot make is refused by name."""
+    from edgeci_mpi.cluster import load_cluster
+    from edgeci_mpi.graph import trace
+    from edgeci_mpi.models import build_model
+    from edgeci_mpi.plan import Plan
+    from edgeci_mpi.strategies import make_plan
+
+    mg = trace(build_model("resnet18", seed=0), (3, 128, 128), "resnet18")
+    plan = make_plan(mg.spec, load_cluster("boards-gigabit").resized(4), "edgeci-d2d")
+    assert any(b.split for b in plan.blocks)
+    check_plan_geometry(Plan.from_json(plan.to_json()), mg.spec, "p.json")
+    from dataclasses import replace
+
+    unsplit = replace(mg.spec, chan_splits=())  # a model whose units cannot split so
+    with pytest.raises(RunError, match=r"block .* is split by channels, but units \d+\.\.\d+ "
+                                       r"of this model cannot be"):
+        check_plan_geometry(plan, unsplit, "p.json")
+
+
 def test_gigantic_images_and_decompression_bombs(tmp_path):
     from PIL import Image
 

@@ -94,6 +94,12 @@ def check_plan_geometry(plan, spec, path: str | None = None) -> None:
 
     where = f"plan {path!r}" if path else "the plan"
     for b in plan.blocks:
+        if b.split:  # by channels: every tile reads the whole map (``Plan.validate``)
+            if spec.channel_split(b.start, b.stop) is None:
+                raise RunError(f"{where} block {b.name!r} is split by channels, but units "
+                               f"{b.start}..{b.stop - 1} of this model cannot be "
+                               "(edited by hand, or made for another model)")
+            continue
         geom = BlockGeom.of(spec, b.start, b.stop)
         for ti, t in enumerate(b.tiles):
             rows, cols = geom.input_region(tuple(t.out_rows), tuple(t.out_cols))
