@@ -55,16 +55,23 @@ def band_order(needs: Sequence[Interval], remote: Sequence[Interval]) -> list[in
     return sorted(range(len(needs)), key=lambda i: (last(needs[i]), i))
 
 
-def early_schedule(convs: Sequence[Sequence[float]], cuts: Sequence[int], h_in: int,
-                   remote: Sequence[Interval]) -> list[tuple[float, Interval]]:
-    """The bands of a block's early convs in the order a device computes them: per band (its
-    share of the early convs' work, the input rows it reads).  ``convs``: per early conv
-    ``[kernel, stride, padding, dilation, output rows, share of the early work]`` (rows
-    axis; ``Block.split["early_convs"]``)."""
+def block_cuts(block, flow) -> list[int] | None:
+    """The row cuts of a channel-split ``block``'s early bands, from the pieces its input is
+    held in (``flow.before``); None when it has no early convs (``Block.split``)."""
+    if not block.split.get("early_convs"):
+        return None
+    return row_cuts([r for _, r, _ in flow.before], block.in_chw[1])
+
+
+def early_schedule(convs: Sequence[Sequence[float]], cuts: Sequence[int], h_in: int
+                   ) -> list[tuple[float, Interval]]:
+    """The bands of a block's early convs, conv by conv in row order: per band (its share of
+    the early convs' work, the input rows it reads).  ``convs``: per early conv ``[kernel,
+    stride, padding, dilation, output rows, share of the early work]`` (rows axis;
+    ``Block.split["early_convs"]``)."""
     out = []
     for k, s, p, d, h_out, share in convs:
-        bands = conv_bands(cuts, h_in, int(h_out), Window(int(k), int(s), int(p), int(d)))
-        for i in band_order([n for _, n in bands], remote):
-            (o0, o1), need = bands[i]
+        for (o0, o1), need in conv_bands(cuts, h_in, int(h_out),
+                                         Window(int(k), int(s), int(p), int(d))):
             out.append((share * (o1 - o0) / h_out, need))
     return out

@@ -94,8 +94,7 @@ def _after_bands(bands, arrive: float, first: float, free: float, speed: float,
     is in (``arrive``)."""
     t, done = free, 0.0
     ready = [max((moves_in[q] for q in deps), default=0.0) for _, deps in bands]
-    for k in sorted(range(len(bands)), key=lambda k: ready[k]):  # as the pieces come
+    for k in sorted(range(len(bands)), key=ready.__getitem__):  # as the pieces come
         t = max(t, ready[k]) + bands[k][0] / speed
-        work = bands[k][0]
-        done += work / speed
+        done += bands[k][0] / speed
     return max(t, arrive) - done

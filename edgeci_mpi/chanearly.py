@@ -19,6 +19,18 @@ from .opkinds import data_inputs, mutated_arg, shape_of
 from .units import FULL, STRIP
 
 
+def conv_module(kind):
+    """The ``nn.Conv2d`` of an op's kind (zero padding), or None."""
+    m = kind.op
+    if kind.kind != "conv" or not isinstance(m, nn.Conv2d) or m.padding_mode != "zeros":
+        return None
+    return m
+
+
+def pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 def early_convs(nodes: Sequence[fx.Node], inp: fx.Node, kinds: dict, gm: fx.GraphModule,
                 split: set[int]) -> tuple[int, ...]:
     """The split convs that lead the unit and read only its input (``chanbands``: computed
@@ -31,10 +43,8 @@ def early_convs(nodes: Sequence[fx.Node], inp: fx.Node, kinds: dict, gm: fx.Grap
         return ()
     out = []
     for i, n in enumerate(nodes):
-        m = kinds[n].op if kinds[n].kind == "conv" and isinstance(kinds[n].op, nn.Conv2d) \
-            else None
-        if i not in split or data_inputs(n) != [inp] or m is None or \
-                isinstance(m.padding, str) or getattr(m, "padding_mode", "zeros") != "zeros":
+        m = conv_module(kinds[n])
+        if i not in split or data_inputs(n) != [inp] or m is None or isinstance(m.padding, str):
             break
         out.append(i)
     return tuple(out)
@@ -45,8 +55,7 @@ def banded_conv(x, n: fx.Node, conv, w, b, cuts: Sequence[int], remote, share: f
     band (``chanbands``): before each band ``("rows", its share of the early work, the input
     rows it reads)``; ``share``: this conv's share of the early work."""
     kh = conv.weight.shape[2]
-    (sr, sc), (pr, pc), (dr, dc) = _pair(conv.stride), _pair(conv.padding), \
-        _pair(conv.dilation)
+    (sr, sc), (pr, pc), (dr, dc) = pair(conv.stride), pair(conv.padding), pair(conv.dilation)
     win = Window(int(kh), sr, pr, dr)
     h_out, w_out = shape_of(n)[2:]
     bands = conv_bands(cuts, x.shape[2], h_out, win)
@@ -58,10 +67,6 @@ def banded_conv(x, n: fx.Node, conv, w, b, cuts: Sequence[int], remote, share: f
         slab = F.pad(x[:, :, a:z], (pc, pc, a - top, bottom - z))
         out[:, :, o0:o1] = F.conv2d(slab, w, b, (sr, sc), 0, (dr, dc), 1)
     return out
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def rows_answered(gen: Generator) -> Generator:
@@ -85,8 +90,7 @@ def to_tiles(nodes: Sequence[fx.Node], index: dict, state: dict, kinds: dict, ou
     batch norm).  Candidates that feed anything else, or read a whole map other than through
     such a conv, drop out until none does.  In place on ``state``."""
     def conv_of(n):
-        k = kinds[n]
-        return k.op if k.kind == "conv" and isinstance(k.op, nn.Conv2d) else None
+        return conv_module(kinds[n])
 
     cand = set()
     for n in nodes:
@@ -96,7 +100,7 @@ def to_tiles(nodes: Sequence[fx.Node], index: dict, state: dict, kinds: dict, ou
             continue
         m, k, ins = conv_of(n), kinds[n], data_inputs(n)
         if m is not None:
-            if not isinstance(m.padding, str) and m.padding_mode == "zeros" and len(ins) == 1:
+            if not isinstance(m.padding, str) and len(ins) == 1:
                 cand.add(n)
         elif k.kind in ("elementwise", "identity") and not k.layout and k.windows is None \
                 and ins:
@@ -117,8 +121,7 @@ def to_tiles(nodes: Sequence[fx.Node], index: dict, state: dict, kinds: dict, ou
 
 def tile_conv(x, conv, rows, cols):
     """``conv`` over the whole map ``x``, only for the output tile ``rows`` x ``cols``."""
-    (sr, sc), (pr, pc), (dr, dc) = _pair(conv.stride), _pair(conv.padding), \
-        _pair(conv.dilation)
+    (sr, sc), (pr, pc), (dr, dc) = pair(conv.stride), pair(conv.padding), pair(conv.dilation)
     kh, kw = conv.weight.shape[2:]
     wr, wc = Window(int(kh), sr, pr, dr), Window(int(kw), sc, pc, dc)
     (a, b), (e, f) = window_input(rows, wr), window_input(cols, wc)

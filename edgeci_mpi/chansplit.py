@@ -39,10 +39,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .chanearly import (banded_conv, conv_module, early_convs, pair, rows_answered, tile_conv,
+                       to_tiles)
 from .opkinds import (ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES,
                       data_inputs, mutated_arg, shape_of)
 from .reduction import Partial, combine, on_wire
-from .chanearly import banded_conv, early_convs, rows_answered, tile_conv, to_tiles
 from .units import FULL, SLICED, STRIP, ChannelSplit
 
 Rect = tuple[tuple[int, int], tuple[int, int]]
@@ -99,13 +100,6 @@ def _channel_local(n: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
-def _conv(kind) -> Any:
-    m = kind.op
-    if kind.kind != "conv" or not isinstance(m, nn.Conv2d) or m.padding_mode != "zeros":
-        return None
-    return m
-
-
 def _pointwise_conv(m: nn.Conv2d) -> bool:
     return tuple(m.kernel_size) == (1, 1) and tuple(m.stride) == (1, 1) and \
         m.padding in ((0, 0), 0, "valid") and tuple(m.dilation) == (1, 1)
@@ -149,7 +143,7 @@ def _split_ancestors(culprits, inp, index, kinds, gm, unsplit) -> list[fx.Node]:
         if n in seen or n is inp or n not in index:
             continue
         seen.add(n)
-        m = _conv(kinds[n]) if n in kinds else None
+        m = conv_module(kinds[n]) if n in kinds else None
         if m is not None and m.groups == 1 and n not in unsplit:
             out.append(n)
         stack.extend(data_inputs(n))
@@ -165,7 +159,7 @@ def _propagate(nodes, index, inp, kinds, gm, unsplit, out_hw) -> ChannelSplit | 
         kind = kinds[n]
         ins = data_inputs(n)
         st = {state[a] for a in ins if a in state}
-        m = _conv(kind)
+        m = conv_module(kind)
         shape = shape_of(n)
         if not st or st == {FULL}:
             if m is not None and m.groups == 1 and n not in unsplit and scatter < 0 and \
@@ -421,10 +415,10 @@ class _PartialConv:
     time: the zero-padded slice cut to the rectangle's window, convolved without padding."""
 
     def __init__(self, x: torch.Tensor, conv, w: torch.Tensor):
-        ph, pw = _pair(conv.padding)
+        ph, pw = pair(conv.padding)
         self.x = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
         self.w = w
-        self.stride, self.dilation = _pair(conv.stride), _pair(conv.dilation)
+        self.stride, self.dilation = pair(conv.stride), pair(conv.dilation)
         self.kernel = tuple(conv.weight.shape[2:])
 
     def over(self, rect: Rect) -> torch.Tensor:
@@ -433,10 +427,6 @@ class _PartialConv:
         x = self.x[:, :, a0 * sr:(a1 - 1) * sr + (kr - 1) * dr + 1,
                    b0 * sc:(b1 - 1) * sc + (kc - 1) * dc + 1]
         return F.conv2d(x, self.w, None, self.stride, 0, self.dilation)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def gathered(parts: Sequence[Partial]) -> torch.Tensor:
@@ -488,4 +478,3 @@ def drive_channels(gens: list[Generator], rects: Sequence[Rect]) -> list[torch.T
         if any(s is None for s in nxt):
             raise RuntimeError("the devices of one channel-split unit got out of step")
         steps = nxt
-

@@ -38,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .chanbands import early_schedule, row_cuts
+from .chanbands import block_cuts, early_schedule
 from .chancost import scatter_sizes
 from .flows import BlockFlow, Piece, Transfer, contains, meet, plan_flows
 from .geometry import Interval
@@ -295,23 +295,19 @@ def schedule_flow(cluster: Cluster, block: Block, flow: BlockFlow, bytes_per_ele
 
 
 def early_bands(block: Block, flow: BlockFlow) -> list[list[tuple[float, list[int]]]]:
-    """Per tile of a channel-split block, its early convs' bands (``chanbands``) in the order
-    its device computes them: (work, the input transfers of ``flow`` it waits for)."""
-    convs = block.split.get("early_convs") or []
-    if not convs:
+    """Per tile of a channel-split block, its early convs' bands (``chanbands``): (work, the
+    input transfers of ``flow`` it waits for); ``chancost`` runs them as those arrive."""
+    cuts = block_cuts(block, flow)
+    if cuts is None:
         return [[] for _ in block.tiles]
-    ih = block.in_chw[1]
-    cuts = row_cuts([r for _, r, _ in flow.before], ih)
+    schedule = early_schedule(block.split["early_convs"], cuts, block.in_chw[1])
     out = []
     for k, t in enumerate(block.tiles):
         mine = [q for q, m in enumerate(flow.inputs) if m.dst == t.device]
         work = block.split["early"][k]
-        bands = []
-        for share, (a, z) in early_schedule(convs, cuts, ih, [flow.inputs[q].rows
-                                                                for q in mine]):
-            deps = [q for q in mine if flow.inputs[q].rows[0] < z and a < flow.inputs[q].rows[1]]
-            bands.append((share * work, deps))
-        out.append(bands)
+        out.append([(share * work, [q for q in mine if flow.inputs[q].rows[0] < z and
+                                    a < flow.inputs[q].rows[1]])
+                    for share, (a, z) in schedule])
     return out
 
 

@@ -370,7 +370,7 @@ class Executor:
 
     @torch.no_grad()
     def run(self, plan, x: torch.Tensor) -> torch.Tensor:
-        from .chanbands import row_cuts
+        from .chanbands import block_cuts
         from .flows import plan_flows
 
         flows = plan_flows(plan) if any(b.split for b in plan.blocks) else []
@@ -381,8 +381,7 @@ class Executor:
                 run = self.channel_runner(block.start, block.stop)
                 rects = [(t.out_rows, t.out_cols) for t in block.tiles]
                 # the leading convs in the bands the runtime computes (the same bits)
-                cuts = row_cuts([r for _, r, _ in flows[bi].before], block.in_chw[1]) \
-                    if block.split.get("early_convs") else None
+                cuts = block_cuts(block, flows[bi])
                 gens = [run.steps(x, tuple(ch), rects, me, cuts)
                         for me, ch in enumerate(block.split["channels"])]
                 for t, y in zip(block.tiles, drive_channels(gens, rects)):

@@ -84,13 +84,14 @@ def _run(comm, args) -> int:
     threads = args.threads or max(1, host_cores() // comm.ranks_on_host)
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model, mg, checksum, hows = _phase_build(comm, setup, args)
+    limit = memory_limit(setup, comm.rank)  # the one figure the build and the plan go by
+    model, mg, checksum, hows = _phase_build(comm, setup, args, limit)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     weightless = hows[comm.rank] == "none"
     reports = gather_reports(comm, mg, _model_key(setup), reprofile=args.reprofile,
                              holds_units=not weightless,
-                             memory_bytes=memory_limit(setup, comm.rank) if weightless else None)
+                             memory_bytes=limit if weightless else None)
     network = run_network(comm, setup, args, reports)
     profile_s = time.perf_counter() - t0
     plans, cluster, seen, spec = _phase_plan(comm, setup, args, mg, reports, network)
@@ -147,10 +148,11 @@ def _phase_validate(comm, args):
     return setup, stream, log
 
 
-def _phase_build(comm, setup: Setup, args):
-    """2. Rank 0 builds the whole model, every worker all but the head; the ranks agree on a
-    checksum per part (``runtime.build``)."""
-    return phase_build(comm, setup, args)
+def _phase_build(comm, setup: Setup, args, limit: int | None = None):
+    """2. Rank 0 builds the whole model, every worker all but the head (or nothing, where its
+    memory ``limit`` cannot hold the units); the ranks agree on a checksum per part
+    (``runtime.build``)."""
+    return phase_build(comm, setup, args, limit)
 
 
 def _model_key(setup: Setup) -> str:
@@ -184,8 +186,8 @@ def _phase_plan(comm, setup: Setup, args, mg, reports, network: str | None = Non
         seen = cluster if args.links == "measured" else without_links(cluster)
         planned = checked(lambda: [plan_strategy(spec, seen, s, mg).to_json(indent=None)
                                    for s in setup.strategies] +
-                          ([check_plan_memory(check_plan_fits(
-                              Plan.from_json(setup.plan_json), spec, mg), spec, seen)]
+                          ([check_plan_fits(check_plan_memory(
+                              Plan.from_json(setup.plan_json), spec, seen), spec, mg)]
                            if setup.plan_json is not None else []))
     agree(comm, planned, "rank 0 to plan")
     plans_json, cluster = comm.bcast((planned.value, cluster), "the plans")
@@ -335,19 +337,18 @@ def load_plan_file(path: str, chw: tuple[int, int, int], ranks: int) -> str:
     return plan.to_json(indent=None)
 
 
-def check_plan_memory(plan_json: str, spec, cluster: Cluster) -> str:
+def check_plan_memory(plan: Plan, spec, cluster: Cluster) -> Plan:
     """A loaded plan must leave every device within its memory (``strategies.memory``): a
     rank that built no weights, its memory too small for them, can take no tile."""
     from ..strategies.memory import over_limit
 
-    plan = Plan.from_json(plan_json)
     for d, need in sorted(over_limit(spec, cluster, plan).items()):
         dev = cluster.devices[d]
         raise RunError(f"the plan puts more on rank {d} ({dev.name}) than its memory holds: "
                        f"{need.total / 2**20:.1f} MiB ({need.weights / 2**20:.1f} MiB of "
                        f"weights, {need.working / 2**20:.1f} MiB for its largest tile), "
                        f"memory {dev.memory_bytes / 2**20:.1f} MiB")
-    return plan_json
+    return plan
 
 
 def check_plan_fits(plan: Plan, spec, mg=None) -> str:

@@ -43,17 +43,18 @@ def memory_limit(setup, rank: int) -> int:
     return available_memory()
 
 
-def phase_build(comm, setup, args):
+def phase_build(comm, setup, args, limit: int | None = None):
     """(model, graph, {part: checksum} of rank 0, {rank: how it built}) on every rank.  How:
-    ``whole``, ``part``, ``none`` (no weights: its memory cannot hold the units'), or why a
-    worker built the whole model."""
+    ``whole``, ``part``, ``none`` (no weights: its memory, ``limit`` - by default
+    :func:`memory_limit` - cannot hold the units'), or why a worker built the whole model."""
     whole = checked(lambda: build_whole(setup, args, record=True)) if comm.rank == 0 \
         else Outcome()
     agree(comm, whole, "rank 0 to build the model", patient=True)
     log, units_b = comm.bcast(  # type: ignore[misc]
         (whole.value[3], units_weight_bytes(whole.value[1])) if comm.rank == 0 else None,
         "rank 0's build log")
-    limit = memory_limit(setup, comm.rank)
+    if limit is None:
+        limit = memory_limit(setup, comm.rank)
     if comm.rank != 0 and 0 < limit < units_b:
         built = checked(lambda: build_nothing(setup, args))
     else:

@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from ..chanbands import row_cuts
+from ..chanbands import block_cuts
 from ..chancost import pieces, scatter_sizes
 from ..chansplit import add_in_order
 from ..plan import Block
@@ -98,7 +98,7 @@ def _compute(runner, bi: int, block: Block, ti: int, x: torch.Tensor, image: int
     sy: BlockSyncs = runner.syncs[bi]
     tile = block.tiles[ti]
     rects = [(t.out_rows, t.out_cols) for t in block.tiles]
-    cuts = block_cuts(runner.flows[bi], block)
+    cuts = block_cuts(block, runner.flows[bi])
     gen = run.steps(x, tuple(block.split["channels"][ti]), rects, ti, cuts,
                     feed.remote() if feed is not None else ())
     pre, scatter = block.split["pre"][ti], block.split["scatter"][ti]
@@ -195,11 +195,3 @@ class _Scatter:
                         lambda p, j: block.split["scatter"][p] * share[j] / speed[p],
                         nbytes, _Links(view.network), pair_parts)
         return got[self.ti]
-
-
-def block_cuts(flow, block: Block) -> list[int] | None:
-    """The row cuts of a channel-split block's early bands (``chanbands``), from the pieces
-    its input is held in; None when it has no early convs."""
-    if not block.split.get("early_convs"):
-        return None
-    return row_cuts([r for _, r, _ in flow.before], block.in_chw[1])
