@@ -288,8 +288,9 @@ class ChannelRunner:
         run in bands (``chanbands``), in the order of the pieces this device receives
         (``remote``: their row intervals as they come), each band after a ``("rows", share,
         (r0, r1))`` (its share of the leading convs' work and the input rows it reads: the
-        caller makes sure they are in ``x``, sent: nothing), then ``("rows", -1.0, (0, h))``
-        before anything else reads the input."""
+        caller makes sure they are in ``x``, sent: nothing).  Without early convs, or after
+        them, ``("rows", -1.0, (0, h))`` comes before anything else reads the input: a
+        caller whose input is still arriving waits for all of it there."""
         return (yield from self._steps(x, channels, rects, me, cuts, remote))
 
     def _steps(self, x, channels, rects, me, cuts=None, remote=()):
@@ -298,7 +299,7 @@ class ChannelRunner:
         env: dict[fx.Node, Any] = {self.input_node: x.clone() if self.copy_input else x}
         (r0, r1), (q0, q1) = rects[me]
         early = set(self.early) if cuts is not None else set()
-        waiting = cuts is not None  # the whole input not yet asked for
+        waiting = True  # the whole input not yet asked for
         for n in self.nodes:
             st = self.state[n]
             m = self.modules.get(n)

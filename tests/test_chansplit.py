@@ -255,6 +255,40 @@ def test_the_leading_conv_waits_for_the_rows_it_reads_and_stays_exact():
         del ref
 
 
+def test_without_early_bands_the_whole_input_is_asked_for_before_any_read():
+    """A channel run computed whole (no early bands: ``cuts`` None) first asks for every input
+    row: a device whose map is still arriving waits there (``runtime.chanround.Feed``), so
+    an input of NaN until then must give the exact tile."""
+    model, mg = _traced("efficientnet_b0", (3, 64, 64))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    vals = _values(mg, x)
+    for i, j, how in mg.spec.chan_splits[-3:]:
+        run = ChannelRunner(mg, i, j)
+        full = vals[mg.unit_inputs[i]]
+        _, h, w = mg.spec.units[j - 1].out_chw
+        if h < 2:
+            continue
+        rects = [((0, h // 2), (0, w)), ((h // 2, h), (0, w))]
+        shares = _shares(how, [1.0, 1.0])
+        ref = drive_channels([run.steps(full, ch, rects, me)
+                              for me, ch in enumerate(shares)], rects)
+
+        def fed(me):
+            x_me = torch.full_like(full, float("nan"))
+            gen = run.steps(x_me, shares[me], rects, me)
+            assert next(gen) == ("rows", -1.0, (0, full.shape[2]))
+            x_me.copy_(full)  # the map is in
+            event = gen.send(None)
+            while True:
+                try:
+                    event = gen.send((yield event))
+                except StopIteration as done:
+                    return done.value
+
+        outs = drive_channels([fed(me) for me in range(2)], rects)
+        assert all(torch.equal(a, b) for a, b in zip(outs, ref)), (i, j)
+
+
 def test_a_channel_block_computes_its_leading_conv_while_the_map_arrives():
     """On slow links the whole-map gather dominates a channel-split unit: with its leading
     conv in bands each device starts on the rows it has, so the block ends sooner than the

@@ -114,3 +114,38 @@ def test_channel_split_under_emulated_devices_is_exact(comm):
     cluster = _cluster(comm.size, emulated=True)
     plan = chan_plan(mg, comm.size, cluster) if comm.rank == 0 else None
     _run_and_compare(comm, mg, model, plan, chw, Emulator(cluster, comm.rank))
+
+
+def late_fed_plan(mg, n: int) -> Plan:
+    """Rank 0 alone runs every unit before the last single-unit channel run, which is then
+    split over all ranks without early bands: the other ranks start the block while rank 0 is
+    still computing the map they need, so each must wait for all of it before reading it."""
+    spec, cluster = mg.spec, _cluster(n)
+    u = max(i for i, j, _ in spec.chan_splits if j == i + 1)
+    _, h, w = spec.units[u - 1].out_chw
+    first = make_block(spec, cluster, 0, u, [(0, (0, h), (0, w))])
+    held = block_flow(first, start_holdings(spec.input_chw), False).held
+    b = channel_block(spec, cluster, u, u + 1, range(n))
+    b.split["early_convs"] = []
+    b.split["early"] = [0.0] * len(b.tiles)
+    last = u + 1 == len(spec.units)
+    price_d2d(b, cluster, held, last)
+    blocks = [first, b]
+    if not last:
+        held = block_flow(b, held, False).held
+        _, h, w = spec.units[-1].out_chw
+        blocks.append(make_d2d_block(spec, cluster, u + 1, len(spec.units),
+                                     [(0, (0, h), (0, w))], held, True))
+    plan = finish_plan(spec, cluster, "late", blocks)
+    plan.validate(n)
+    return plan
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("name,chw", [("resnet18", (3, 64, 64)),
+                                      ("efficientnet_b0", (3, 96, 96))])
+def test_a_split_block_waits_for_a_map_still_being_computed(comm, name, chw):
+    model = build_model(name, seed=0)
+    mg = trace(model, chw, name)
+    plan = late_fed_plan(mg, comm.size) if comm.rank == 0 else None
+    _run_and_compare(comm, mg, model, plan, chw)
