@@ -302,7 +302,7 @@ class _Planner:
         others = self.best(j)
         for i in self.chan_runs.get(j, ()):
             if self.states[i]:
-                self.channel_options(i, j, last, margin)
+                self.channel_options(i, j, last, others)
         # a channel split's output tiles are row bands, as device-to-device strips are: it
         # is kept only where it is the best way to boundary j (planning time)
         for key in [k for k, s in self.states[j].items()
@@ -359,10 +359,12 @@ class _Planner:
             pair_best = min(pair_best, self.enter(i, j, k, opts, [k, best_d2d, STAR], last,
                                                   margin))
 
-    def channel_options(self, i: int, j: int, last: bool, margin: float) -> None:
+    def channel_options(self, i: int, j: int, last: bool, others: float) -> None:
         """Units ``[i, j)`` split by channels (``chanblock``) over each candidate set, after
         the star state, the best device-to-device state and the same set's states at ``i``;
-        offered to state ``("chan", k)``, whose layout is the block's output tiles."""
+        offered to state ``("chan", k)``, whose layout is the block's output tiles, and kept
+        only below ``others`` (the best other way to boundary ``j``, :meth:`step`): what
+        cannot get below it is not priced."""
         prevs = self.states[i]
         d2d = [key for key in prevs if key != STAR]
         best_d2d = min(d2d, key=lambda key: prevs[key].total) if d2d else None
@@ -384,13 +386,30 @@ class _Planner:
                 msgs * self.least_latency
             for key in dict.fromkeys([STAR, best_d2d, k, ("chan", k)]):
                 st = prevs.get(key)
-                if st is None or st.total + floor >= self.best(j) + margin:
+                if st is None or st.total + floor >= others or \
+                        st.total + max(floor, self.chan_links(block, st.held)) >= others:
                     continue
                 cur = self.states[j].get(("chan", k))
                 if cur is not None and st.total + floor >= cur.total:
                     continue
                 t = self.price(block, st, last)
                 self.offer(j, ("chan", k), st.total + t, held, (i, key), ("chan", block), False)
+
+    def chan_links(self, block: Block, held) -> float:
+        """At least what channel-split ``block`` spends on links after holdings ``held``: each
+        device receives the whole input map less what it holds, then every other device's
+        partial sums over its tile (two schedules, ``chancost``); switched, each on its own
+        link, one behind another; shared, all of them on the one medium."""
+        c, h, w = block.in_chw
+        per = [c * h * w * self.bpe, block.split["partial_c"] * self.bpe * (len(block.tiles) - 1)]
+        gather, scatter = [], []
+        for t in block.tiles:
+            mine = sum((r1 - r0) * (q1 - q0) for d, (r0, r1), (q0, q1) in held if d == t.device)
+            bw = self.cluster.devices[t.device].bandwidth_Bps if t.device else self.fastest_link
+            gather.append(max(0.0, per[0] * (1 - mine / (h * w))) / bw)
+            scatter.append(per[1] * t.out_hw[0] * t.out_hw[1] / bw)
+        pick = sum if self.cluster.network == "shared" else max
+        return max(pick(gather), pick(scatter)) + self.least_latency
 
     def enter(self, i: int, j: int, k: int, opts: list[Layout], keys: list, last: bool,
               margin: float) -> float:
