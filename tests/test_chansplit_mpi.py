@@ -100,9 +100,14 @@ def _run_and_compare(comm, mg, model, plan, chw, emulator=None):
 @pytest.mark.parametrize("name,chw", [("resnet18", (3, 40, 36)),
                                       ("efficientnet_b0", (3, 64, 64))])
 def test_channel_split_blocks_equal_the_executor(comm, name, chw):
+    _planned_and_compared(comm, name, chw, chan_plan)
+
+
+def _planned_and_compared(comm, name, chw, make_plan):
+    """``make_plan(mg, ranks)`` on rank 0, run on every rank, compared with the executor."""
     model = build_model(name, seed=0)
     mg = trace(model, chw, name)
-    plan = chan_plan(mg, comm.size) if comm.rank == 0 else None
+    plan = make_plan(mg, comm.size) if comm.rank == 0 else None
     _run_and_compare(comm, mg, model, plan, chw)
 
 
@@ -145,7 +150,4 @@ def late_fed_plan(mg, n: int) -> Plan:
 @pytest.mark.parametrize("name,chw", [("resnet18", (3, 64, 64)),
                                       ("efficientnet_b0", (3, 96, 96))])
 def test_a_split_block_waits_for_a_map_still_being_computed(comm, name, chw):
-    model = build_model(name, seed=0)
-    mg = trace(model, chw, name)
-    plan = late_fed_plan(mg, comm.size) if comm.rank == 0 else None
-    _run_and_compare(comm, mg, model, plan, chw)
+    _planned_and_compared(comm, name, chw, late_fed_plan)
