@@ -386,8 +386,7 @@ class _Planner:
                 msgs * self.least_latency
             for key in dict.fromkeys([STAR, best_d2d, k, ("chan", k)]):
                 st = prevs.get(key)
-                if st is None or st.total + floor >= others or \
-                        st.total + max(floor, self.chan_links(block, st.held)) >= others:
+                if st is None or st.total + max(floor, self.chan_links(block, st.held)) >= others:
                     continue
                 cur = self.states[j].get(("chan", k))
                 if cur is not None and st.total + floor >= cur.total:
@@ -401,13 +400,14 @@ class _Planner:
         partial sums over its tile (two schedules, ``chancost``); switched, each on its own
         link, one behind another; shared, all of them on the one medium."""
         c, h, w = block.in_chw
-        per = [c * h * w * self.bpe, block.split["partial_c"] * self.bpe * (len(block.tiles) - 1)]
+        map_bytes = c * h * w * self.bpe
+        sums_per_px = block.split["partial_c"] * self.bpe * (len(block.tiles) - 1)
         gather, scatter = [], []
         for t in block.tiles:
             mine = sum((r1 - r0) * (q1 - q0) for d, (r0, r1), (q0, q1) in held if d == t.device)
             bw = self.cluster.devices[t.device].bandwidth_Bps if t.device else self.fastest_link
-            gather.append(max(0.0, per[0] * (1 - mine / (h * w))) / bw)
-            scatter.append(per[1] * t.out_hw[0] * t.out_hw[1] / bw)
+            gather.append(max(0.0, map_bytes * (1 - mine / (h * w))) / bw)
+            scatter.append(sums_per_px * t.out_hw[0] * t.out_hw[1] / bw)
         pick = sum if self.cluster.network == "shared" else max
         return max(pick(gather), pick(scatter)) + self.least_latency
 
